@@ -111,7 +111,9 @@ def make_tiny_checkpoint(out_dir: Path | str, family: str = "llama", dtype: str 
     saved under Qwen v1's names, so :func:`load_reference_model` gives their transformers twin.
     """
     import torch
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)

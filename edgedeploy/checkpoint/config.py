@@ -190,7 +190,8 @@ def parse_config(raw: dict[str, Any], source: str = "config.json") -> ModelConfi
     kv_heads = f.get("num_key_value_heads", default=heads)
     head_dim = f.get("head_dim", default=hidden // heads)
     if heads % kv_heads:
-        raise InputError(f"{source}: num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv_heads})")
+        raise InputError(f"{source}: num_attention_heads ({heads}) is not a multiple of "
+                         f"num_key_value_heads ({kv_heads})")
     base = dict(
         **common, num_layers=f.get("num_hidden_layers"), hidden_size=hidden, num_heads=heads,
         num_kv_heads=kv_heads, head_dim=head_dim, intermediate_size=f.get("intermediate_size"),

@@ -1,0 +1,140 @@
+"""The ``edgedeploy`` command line: a thin layer over the same functions the tests call.
+
+Exit codes: 0 pass / fits, 1 rule failure / does not fit / profile FAIL, 2 bad input or tool error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from edgedeploy import __version__
+from edgedeploy.errors import EdgeDeployError
+
+SCHEMA_VERSION = 1
+EXIT_OK, EXIT_FAIL, EXIT_INPUT = 0, 1, 2
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _emit_json(kind: str, payload: dict[str, Any]) -> None:
+    print(json.dumps({"schema_version": SCHEMA_VERSION, "kind": kind, **payload}, indent=2))
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from edgedeploy.checkpoint.intake import open_checkpoint
+    from edgedeploy.report.tables import print_checkpoint
+
+    ck = open_checkpoint(args.model_dir)
+    if args.json:
+        _emit_json("inspect", ck.to_dict())
+    else:
+        print_checkpoint(console, ck)
+    return EXIT_OK if ck.rules.passed else EXIT_FAIL
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from edgedeploy.checkpoint.intake import open_checkpoint
+    from edgedeploy.devices.profiles import load_profile
+    from edgedeploy.estimate import estimate
+    from edgedeploy.report.tables import print_estimate
+
+    ck = open_checkpoint(args.model_dir)
+    profile = load_profile(args.profile)
+    for name, value in (("--context", args.context), ("--prefill-chunk", args.prefill_chunk)):
+        if value is not None and value <= 0:
+            raise EdgeDeployError(f"{name} must be a positive number of tokens")
+    # Weights at the deployed dtype: FP32 checkpoints are usually deployed as FP16.
+    est = estimate(ck.config, profile, context_window=args.context, prefill_chunk=args.prefill_chunk or 512,
+                   dtype=args.dtype, parameters=ck.parameters)
+    if args.json:
+        _emit_json("estimate", {"model": str(ck.path), "architecture": ck.config.architecture,
+                                "rules": ck.rules.to_dict(), "estimate": est.to_dict(),
+                                "device_profile": profile.to_dict()})
+    else:
+        print_estimate(console, est, profile, title=ck.path.name or str(ck.path))
+        if not ck.rules.passed:
+            err_console.print(f"[bold red]rule check FAILED[/]: {ck.rules.findings[0].message}")
+    return EXIT_OK if est.fits and ck.rules.passed else EXIT_FAIL
+
+
+def cmd_profiles(args: argparse.Namespace) -> int:
+    from edgedeploy.devices.profiles import list_profiles
+    from edgedeploy.report.tables import print_profiles
+
+    profiles = list_profiles()
+    if args.json:
+        _emit_json("profiles", {"profiles": [p.to_dict() for p in profiles]})
+    else:
+        print_profiles(console, profiles)
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Make a tiny model and run the whole flow on it, so a new user sees every step work."""
+    from edgedeploy.tiny import make_tiny_checkpoint
+
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="edgedeploy-demo-"))
+    model = out / "tiny-llama"
+    console.rule("[bold]1. make a tiny Llama checkpoint (random weights)")
+    make_tiny_checkpoint(model, "llama", dtype="float16")
+    console.print(f"wrote {model}")
+    console.rule("[bold]2. edgedeploy inspect")
+    rc = main(["inspect", str(model)])
+    console.rule("[bold]3. edgedeploy estimate --profile reference-12gb")
+    rc = max(rc, main(["estimate", str(model), "--profile", "reference-12gb"]))
+    return rc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgedeploy", description="Check, build and profile FP16/FP32 LLMs "
+                                "for 12 GB phones.")
+    p.add_argument("--version", action="version", version=f"edgedeploy {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("inspect", help="read a checkpoint's config and headers, run the rule check")
+    s.add_argument("model_dir")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("estimate", help="predict peak memory and speed on a device profile")
+    s.add_argument("model_dir")
+    s.add_argument("--profile", default="reference-12gb", help="profile name or .toml path")
+    s.add_argument("--context", type=int, help="context window in tokens (default: model's, at most 4096)")
+    s.add_argument("--prefill-chunk", type=int, help="prefill chunk in tokens (default 512)")
+    s.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="deployed dtype")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_estimate)
+
+    s = sub.add_parser("profiles", help="list device profiles")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_profiles)
+
+    s = sub.add_parser("demo", help="make a tiny model and run the whole flow on it")
+    s.add_argument("--out", help="folder for the demo's files (default: a new temporary folder)")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except EdgeDeployError as e:
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

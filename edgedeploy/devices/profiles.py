@@ -1,0 +1,155 @@
+"""Device profiles (``profiles/*.toml``): what a phone offers (RAM, usable budget, bandwidth, target).
+
+Profiles are validated on load so a typo in a hand-edited file is reported with the file, the field
+and what was expected, instead of surfacing later as a wrong verdict.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgedeploy.errors import InputError
+
+
+#: Searched in order; ``EDGEDEPLOY_PROFILES`` lets a device farm keep its calibrated profiles elsewhere.
+def profile_dirs() -> list[Path]:
+    dirs = [Path(p) for p in os.environ.get("EDGEDEPLOY_PROFILES", "").split(os.pathsep) if p]
+    return dirs + [Path(__file__).resolve().parents[2] / "profiles"]
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """A device's memory, speed and build target; ``auto`` fields of the host profile are measured."""
+
+    name: str
+    description: str
+    kind: str
+    soc: str
+    abi: str
+    target: str
+    target_triple: str
+    gpu_backend: str
+    ram_mb: float
+    hard_limit_mb: float
+    usable_budget_mb: float
+    runtime_base_mb: float
+    memory_bandwidth_gbps: float
+    bandwidth_efficiency: float
+    compute_gflops: float
+    calibrated: bool
+    source: str = ""
+    props: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def budget_mb(self) -> float:
+        """What a model may use: the usable budget, never more than the challenge's hard limit."""
+        return min(self.usable_budget_mb, self.hard_limit_mb)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_STR, _NUM, _BOOL = "a string", "a positive number", "true or false"
+_FIELDS: dict[str, str] = {
+    "name": _STR, "description": _STR, "kind": _STR, "soc": _STR, "abi": _STR, "target": _STR,
+    "target_triple": _STR, "gpu_backend": _STR, "ram_mb": _NUM, "hard_limit_mb": _NUM,
+    "usable_budget_mb": _NUM, "runtime_base_mb": _NUM, "memory_bandwidth_gbps": _NUM,
+    "bandwidth_efficiency": _NUM, "compute_gflops": _NUM, "calibrated": _BOOL,
+}
+_CHOICES = {"kind": ("android", "host", "linux"), "gpu_backend": ("opencl", "none"),
+            "target": ("host", "android", "android-opencl", "linux-aarch64")}
+
+
+def _measure_host() -> dict[str, Any]:
+    """Fill the host profile's ``auto`` fields from this machine (takes well under a second)."""
+    import numpy as np
+    import psutil
+
+    vm = psutil.virtual_memory()
+    src = np.ones(64 * 2**20 // 8)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t)
+    a = np.ones((512, 512), dtype=np.float32)
+    t = time.perf_counter()
+    for _ in range(4):
+        a @ a
+    gflops = 4 * 2 * 512**3 / (time.perf_counter() - t) / 1e9
+    machine = platform.machine()
+    return {
+        "ram_mb": vm.total / 2**20, "usable_budget_mb": 0.9 * vm.available / 2**20,
+        # A copy reads and writes every byte.
+        "memory_bandwidth_gbps": 2 * src.nbytes / best / 1e9, "compute_gflops": gflops,
+        "soc": platform.processor() or machine, "abi": machine,
+        "target_triple": f"{machine}-linux-gnu",
+    }
+
+
+def _validate(data: dict[str, Any], source: str) -> dict[str, Any]:
+    measured: dict[str, Any] | None = None
+    out: dict[str, Any] = {}
+    for name, expected in _FIELDS.items():
+        if name not in data:
+            raise InputError(f"{source}: missing field {name!r} ({expected})")
+        value = data[name]
+        if value == "auto" and name not in ("name", "description", "kind", "target", "gpu_backend"):
+            measured = measured or _measure_host()
+            if name not in measured:
+                raise InputError(f"{source}: field {name!r} cannot be 'auto'")
+            value = measured[name]
+        ok = {
+            _STR: isinstance(value, str) and bool(value),
+            _NUM: isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
+            _BOOL: isinstance(value, bool),
+        }[expected]
+        if not ok:
+            raise InputError(f"{source}: field {name!r} must be {expected}, got {value!r}")
+        if name in _CHOICES and value not in _CHOICES[name]:
+            raise InputError(f"{source}: field {name!r} must be one of {', '.join(_CHOICES[name])}, got {value!r}")
+        out[name] = value
+    if out["bandwidth_efficiency"] > 1:
+        raise InputError(f"{source}: field 'bandwidth_efficiency' must be at most 1, got {out['bandwidth_efficiency']}")
+    unknown = sorted(set(data) - set(_FIELDS) - {"props"})
+    if unknown:
+        raise InputError(f"{source}: unknown field {unknown[0]!r} (known: {', '.join(_FIELDS)}, props)")
+    props = data.get("props", {})
+    if not isinstance(props, dict) or not all(isinstance(v, str) for v in props.values()):
+        raise InputError(f"{source}: [props] must map property names to strings")
+    out["props"] = dict(props)
+    return out
+
+
+def load_profile(name_or_path: str | Path) -> DeviceProfile:
+    """Load a profile by name (``reference-12gb``) or by path to a ``.toml`` file."""
+    path = Path(name_or_path)
+    if not path.suffix == ".toml" or not path.is_file():
+        candidates = [d / f"{name_or_path}.toml" for d in profile_dirs()]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            known = ", ".join(p.name for p in list_profiles()) or "none"
+            raise InputError(f"unknown device profile {str(name_or_path)!r} (known: {known})")
+        path = found
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: not valid TOML ({e})") from None
+    return DeviceProfile(**_validate(data, str(path)), source=str(path))
+
+
+def list_profiles() -> list[DeviceProfile]:
+    """Every profile in the search path, first one of each name wins; invalid files raise."""
+    seen: dict[str, DeviceProfile] = {}
+    for d in profile_dirs():
+        for path in sorted(d.glob("*.toml")):
+            if path.stem not in seen:
+                seen[path.stem] = load_profile(path)
+    return list(seen.values())

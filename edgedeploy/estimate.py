@@ -1,0 +1,107 @@
+"""Predict peak memory and speed of a model on a device profile, before anything is built.
+
+Peak = weights + KV cache for the whole context window (allocated up front by our runtime) + the
+largest temporary buffer of one prefill chunk + the runtime's own base. Speed is a roofline:
+decode streams every weight once per token, so it is bandwidth bound; prefill is compute bound.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from edgedeploy.checkpoint.config import ModelConfig
+from edgedeploy.checkpoint.layout import parameter_count
+from edgedeploy.devices.profiles import DeviceProfile
+
+MB = 2**20
+DTYPE_BYTES = {"float16": 2, "float32": 4}
+#: Default context window when none is asked for: long enough for the challenge's long-context tasks,
+#: short enough that a 128k-context config does not turn every estimate into a KV-cache estimate.
+DEFAULT_CONTEXT = 4096
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Predicted memory (bytes) and speed of one model on one profile."""
+
+    profile: str
+    dtype: str
+    context_window: int
+    prefill_chunk: int
+    parameters: int
+    weights_bytes: int
+    kv_cache_bytes: int
+    temp_bytes: int
+    temp_largest: str
+    runtime_base_bytes: int
+    peak_bytes: int
+    budget_bytes: int
+    hard_limit_bytes: int
+    decode_tok_s: float
+    prefill_tok_s: float
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_bytes <= self.budget_bytes
+
+    @property
+    def headroom_bytes(self) -> int:
+        return self.budget_bytes - self.peak_bytes
+
+    @property
+    def headroom_pct(self) -> float:
+        return 100.0 * self.headroom_bytes / self.budget_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(fits=self.fits, verdict="FITS" if self.fits else "DOES NOT FIT",
+                 headroom_bytes=self.headroom_bytes, headroom_pct=round(self.headroom_pct, 2))
+        return d
+
+
+def temporary_buffers(cfg: ModelConfig, dtype: str, chunk: int, context: int) -> dict[str, int]:
+    """Bytes of the large per-chunk intermediates a prefill step holds at once.
+
+    Attention scores are float32 over the whole window at the last chunk; logits are float32 for the
+    last token only (the runtime never materialises all positions' logits).
+    """
+    b = DTYPE_BYTES[dtype]
+    residual = 2 * chunk * cfg.hidden_size * b  # residual stream + normed copy stay live across a layer
+    return {
+        "attention scores": cfg.num_heads * chunk * min(context, cfg.context_length or context) * 4 + residual,
+        "mlp activations": 2 * chunk * cfg.intermediate_size * b + residual,
+        "qkv projection": chunk * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim * b + residual,
+        "logits": cfg.vocab_size * 4 + residual,
+    }
+
+
+def estimate(cfg: ModelConfig, profile: DeviceProfile, context_window: int | None = None,
+             prefill_chunk: int = 512, dtype: str = "float16", parameters: int | None = None) -> Estimate:
+    """Estimate peak memory and roofline speed of ``cfg`` on ``profile``.
+
+    ``parameters`` defaults to the count config.json implies; pass the checkpoint's own count when
+    weights are present. ``context_window`` defaults to the model's context length, capped at
+    :data:`DEFAULT_CONTEXT`.
+    """
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPE_BYTES)}")
+    params = parameters if parameters is not None else parameter_count(cfg)
+    context = context_window or min(cfg.context_length, DEFAULT_CONTEXT)
+    chunk = min(prefill_chunk, context)
+    weights = params * DTYPE_BYTES[dtype]
+    kv = cfg.kv_bytes_per_token * context * DTYPE_BYTES[dtype] // 2
+    temps = temporary_buffers(cfg, dtype, chunk, context)
+    largest = max(temps, key=lambda k: temps[k])
+    base = int(profile.runtime_base_mb * MB)
+    peak = weights + kv + temps[largest] + base
+    # A decode step reads every weight plus, on average over a full window, half the KV cache.
+    bytes_per_token = weights + kv / 2
+    decode = profile.bandwidth_efficiency * profile.memory_bandwidth_gbps * 1e9 / bytes_per_token
+    prefill = profile.compute_gflops * 1e9 / (2 * params)
+    return Estimate(
+        profile=profile.name, dtype=dtype, context_window=context, prefill_chunk=chunk, parameters=params,
+        weights_bytes=weights, kv_cache_bytes=kv, temp_bytes=temps[largest], temp_largest=largest,
+        runtime_base_bytes=base, peak_bytes=peak, budget_bytes=int(profile.budget_mb * MB),
+        hard_limit_bytes=int(profile.hard_limit_mb * MB), decode_tok_s=decode, prefill_tok_s=prefill,
+    )

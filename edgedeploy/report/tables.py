@@ -1,0 +1,82 @@
+"""Rich console tables for ``inspect``, ``estimate`` and ``profiles`` (the JSON forms carry the same data)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from edgedeploy.checkpoint.intake import Checkpoint
+from edgedeploy.checkpoint.layout import parameter_count
+from edgedeploy.devices.profiles import DeviceProfile
+from edgedeploy.estimate import MB, Estimate
+
+_STYLE = {"PASS": "green", "WARN": "yellow", "FAIL": "bold red", "FITS": "green", "DOES NOT FIT": "bold red"}
+
+
+def _mb(n: float) -> str:
+    """Sizes in MiB; below 10 MiB in KiB, so tiny test models do not all read "0"."""
+    return f"{n / MB:,.0f} MiB" if abs(n) >= 10 * MB else f"{n / 1024:,.1f} KiB"
+
+
+def status_text(status: str) -> str:
+    return f"[{_STYLE.get(status, 'white')}]{status}[/]"
+
+
+def print_checkpoint(console: Console, ck: Checkpoint) -> None:
+    cfg = ck.config
+    t = Table(title=f"{ck.path}", show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column()
+    t.add_row("architecture", f"{cfg.architecture} ({cfg.family})")
+    t.add_row("layers / hidden", f"{cfg.num_layers} / {cfg.hidden_size}")
+    t.add_row("heads / kv heads / head dim", f"{cfg.num_heads} / {cfg.num_kv_heads} / {cfg.head_dim}"
+              + (f" (rotary {cfg.rotary_dim})" if cfg.rotary_dim != cfg.head_dim else ""))
+    t.add_row("intermediate", str(cfg.intermediate_size))
+    t.add_row("vocab", str(cfg.vocab_size))
+    t.add_row("tied embeddings", "yes" if cfg.tie_word_embeddings else "no")
+    t.add_row("context length", str(cfg.context_length))
+    implied = parameter_count(cfg)
+    if ck.has_weights:
+        note = "" if ck.parameters == implied else f"  [yellow](config implies {implied:,})[/]"
+        t.add_row("parameters", f"{ck.parameters:,}{note}")
+        t.add_row("weights", f"{_mb(ck.weight_bytes)} in {len({x.file for x in ck.tensors.values()})} file(s)")
+        t.add_row("dtypes", ", ".join(f"{k}: {v['tensors']} tensors, {v['parameters']:,} params"
+                                      for k, v in ck.dtype_histogram().items()))
+    else:
+        t.add_row("parameters", f"{implied:,} (from config.json; no weights)")
+    t.add_row("KV cache per token (FP16)", f"{cfg.kv_bytes_per_token:,} bytes")
+    console.print(t)
+    rules = Table(title=f"rule check: {status_text(ck.rules.status)}", title_justify="left")
+    rules.add_column("status")
+    rules.add_column("finding")
+    for f in ck.rules.findings:
+        rules.add_row(status_text(f.status), f.message)
+    console.print(rules)
+
+
+def print_estimate(console: Console, est: Estimate, profile: DeviceProfile, title: str) -> None:
+    verdict = "FITS" if est.fits else "DOES NOT FIT"
+    t = Table(title=f"{title} on {profile.name} ({est.dtype}, context {est.context_window}, "
+                    f"prefill chunk {est.prefill_chunk})", title_justify="left")
+    t.add_column("item")
+    t.add_column("memory", justify="right")
+    t.add_row("weights", _mb(est.weights_bytes))
+    t.add_row(f"KV cache ({est.context_window} tokens)", _mb(est.kv_cache_bytes))
+    t.add_row(f"largest temporary ({est.temp_largest})", _mb(est.temp_bytes))
+    t.add_row("runtime base", _mb(est.runtime_base_bytes))
+    t.add_row("[bold]predicted peak[/]", f"[bold]{_mb(est.peak_bytes)}[/]")
+    t.add_row("usable budget", _mb(est.budget_bytes) + f" (hard limit {_mb(est.hard_limit_bytes)})")
+    t.add_row("verdict", f"{status_text(verdict)}  headroom {_mb(est.headroom_bytes)} ({est.headroom_pct:+.1f}%)")
+    t.add_row("decode (roofline)", f"{est.decode_tok_s:,.1f} tok/s")
+    t.add_row("prefill (compute)", f"{est.prefill_tok_s:,.1f} tok/s")
+    console.print(t)
+
+
+def print_profiles(console: Console, profiles: list[DeviceProfile]) -> None:
+    t = Table(title="device profiles", title_justify="left")
+    for col in ("name", "description", "RAM", "budget", "bandwidth", "target", "calibrated"):
+        t.add_column(col)
+    for p in profiles:
+        t.add_row(p.name, p.description, f"{p.ram_mb:,.0f} MiB", f"{p.budget_mb:,.0f} MiB",
+                  f"{p.memory_bandwidth_gbps:.1f} GB/s", p.target, "yes" if p.calibrated else "no")
+    console.print(t)
