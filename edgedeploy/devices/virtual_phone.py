@@ -620,6 +620,8 @@ cat {log}
             mode = int(mode_text) if comma else 0o644
             if stat.S_ISLNK(mode):
                 raise OSError(errno.EPERM, "symlinks are not supported by the virtual phone")
+            if (path if comma else spec).endswith("/"):
+                raise OSError(errno.EISDIR, "Is a directory")
             host = self.host_path(path if comma else spec)
             host.parent.mkdir(parents=True, exist_ok=True)  # fixed_push_mkdir: adbd creates parents
             fd = os.open(host, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, (mode & 0o777) or 0o644)
