@@ -1,0 +1,97 @@
+"""Build a model library (the compiled ``prefill``/``decode``/KV-cache functions) for one target."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from edgedeploy.checkpoint.config import ModelConfig
+from edgedeploy.errors import InputError
+
+#: Tokens per KV-cache page; the runtime passes the same value to ``create_paged_kv_cache``.
+PAGE_SIZE = 16
+
+
+def library_metadata(cfg: ModelConfig, dtype: str, target_name: str, context_window: int, prefill_chunk: int,
+                     params: list[tuple[str, tuple[int, ...], str]]) -> dict[str, Any]:
+    """What the runtime needs to drive the library; compiled in as the ``_metadata`` function."""
+    import tvm
+
+    import edgedeploy
+
+    return {
+        "format": 1,
+        "family": cfg.family,
+        "architecture": cfg.architecture,
+        "dtype": dtype,
+        "target": target_name,
+        "context_window": context_window,
+        "prefill_chunk": prefill_chunk,
+        "page_size": PAGE_SIZE,
+        "vocab_size": cfg.vocab_size,
+        "num_layers": cfg.num_layers,
+        "num_kv_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "params": [{"name": n, "shape": list(s), "dtype": d} for n, s, d in params],
+        "edgedeploy_version": edgedeploy.__version__,
+        "tvm_version": tvm.__version__,
+    }
+
+
+def build_ir_module(cfg: ModelConfig, dtype: str, target_name: str, context_window: int,
+                    prefill_chunk: int) -> tuple[Any, list[tuple[str, tuple[int, ...], str]], dict[str, Any]]:
+    """Export the model of ``cfg`` to a Relax IRModule; return (module, params, metadata)."""
+    import tvm
+    from tvm import relax
+
+    from edgedeploy.compile.targets import get_target
+    from edgedeploy.models import get_model_class
+
+    if context_window <= 0 or prefill_chunk <= 0:
+        raise InputError("context window and prefill chunk must be positive")
+    if prefill_chunk > context_window:
+        raise InputError(f"prefill chunk ({prefill_chunk}) is larger than the context window ({context_window})")
+    spec = get_target(target_name)
+    target = spec.tvm_target()
+    model = get_model_class(cfg.family)(cfg, dtype, target)
+    mod, named_params = model.export_tvm(spec=model.get_default_spec())
+    params = [(name, tuple(int(d) for d in p.shape), str(p.dtype)) for name, p in named_params]
+    meta = library_metadata(cfg, dtype, target_name, context_window, prefill_chunk, params)
+    bb = relax.BlockBuilder(mod)
+    with bb.function("_metadata", params=[]):
+        bb.emit_func_output(tvm.ir.StringImm(json.dumps(meta)))
+    return bb.get(), params, meta
+
+
+def compile_model_library(cfg: ModelConfig, dtype: str, target_name: str, context_window: int, prefill_chunk: int,
+                          out_path: Path) -> Path:
+    """Compile the model of ``cfg`` in ``dtype`` for ``target_name`` and write the library to ``out_path``.
+
+    The library bakes in the context window and prefill chunk (read back by the runtime from its
+    ``_metadata`` function). ``out_path`` must end in the target's suffix (``.so`` host, ``.tar``
+    cross targets; a ``.tar`` holds aarch64 ELF objects and needs no NDK to produce). Returns ``out_path``.
+    """
+    from tvm import relax
+
+    from edgedeploy.compile.pipeline import get_pipeline
+    from edgedeploy.compile.targets import get_target
+
+    spec = get_target(target_name)
+    out_path = Path(out_path)
+    if out_path.suffix != spec.library_suffix:
+        raise InputError(f"target {target_name!r} produces a {spec.library_suffix} library, not {out_path.name}")
+    mod, _params, _meta = build_ir_module(cfg, dtype, target_name, context_window, prefill_chunk)
+    target = spec.tvm_target()
+    ex = relax.build(mod, target=target, relax_pipeline=get_pipeline(target))
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    # Write under a temporary name first so an interrupted build never leaves a half library behind.
+    tmp = out_path.with_name(f".{out_path.stem}.tmp{os.getpid()}{out_path.suffix}")
+    try:
+        ex.export_library(str(tmp))
+        os.replace(tmp, out_path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out_path
