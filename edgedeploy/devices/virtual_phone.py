@@ -20,6 +20,10 @@ Device model and its limits:
   over budget the tree gets SIGKILL (shell v2 exit code 137) and an lmkd-style line goes to the logcat
   file (``logcat -d`` prints it, ``logcat -c`` clears it).
 * No pty: ``shell,pty`` runs like ``raw``; an empty command starts a plain ``/bin/sh`` reading stdin.
+* Process lifetime: each command gets its own process group. When the client closes the stream early (or the
+  connection drops) the whole tree is SIGKILLed; jobs a finished command left detached keep running, as on
+  a phone (unwatched by the memory budget), until the daemon stops, which kills every group it started.
+* Output is not rewritten back: commands that print paths show host sandbox paths.
 
 Run standalone: ``python -m edgedeploy.devices.virtual_phone --port P --sandbox DIR [--budget-mb N]
 [--prop k=v ...] [--auth-keys FILE] [--allow-any-key]`` (``--port 0`` picks a free port; the
@@ -382,6 +386,7 @@ class VirtualPhone:
         self.props.update({str(k): str(v) for k, v in (props or {}).items()})
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
+        self._groups: set[int] = set()  # process groups of every command, killed when the daemon stops
         self._prefix_re = re.compile(
             r"(?<![\w.\-/])(" + "|".join(re.escape(p) for p in DEVICE_PREFIXES) + r")(?=/|$|[^\w.\-])"
         )
@@ -489,6 +494,8 @@ cat {log}
             while chunk := await pipe.read(SYNC_DATA_MAX):
                 await stream.write(struct.pack("<BI", packet_id, len(chunk)) + chunk if v2 else chunk)
 
+        self._groups.add(proc.pid)
+        finished = False
         helpers = [asyncio.create_task(self._feed_stdin(stream, proc, v2))]
         if self.memory_budget_bytes:
             helpers.append(asyncio.create_task(self._watch_memory(proc)))
@@ -500,10 +507,14 @@ cat {log}
             code = _signal_exit_code(await proc.wait())
             if v2:
                 await stream.write(struct.pack("<BIB", SHELL_EXIT, 1, code))
+            finished = True
         finally:
             for h in helpers:
                 h.cancel()
-            _kill_tree(proc.pid)
+            # A command that ran to completion may leave detached jobs running, as on a phone; a stream the
+            # client dropped (or a dead connection) takes its whole process tree with it.
+            if not finished:
+                _kill_tree(proc.pid)
 
     async def _feed_stdin(self, stream: _Stream, proc: asyncio.subprocess.Process, v2: bool) -> None:
         stdin = proc.stdin
@@ -691,6 +702,10 @@ cat {log}
         for task in list(self._connections):
             task.cancel()
         await asyncio.gather(*self._connections, return_exceptions=True)
+        for group in self._groups:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(group, signal.SIGKILL)
+        self._groups.clear()
 
     async def serve_forever(self, announce: bool = True) -> None:
         """Serve until SIGINT/SIGTERM; prints the readiness line when ``announce``."""
