@@ -77,6 +77,75 @@ def cmd_profiles(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _progress_bars() -> tuple[Any, Any]:
+    """A rich progress display and a ``progress(stage, done, total)`` callback that drives it."""
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+    bars = Progress(TextColumn("{task.description:<10}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
+                    console=err_console, transient=False)
+    tasks: dict[str, Any] = {}
+
+    def progress(stage: str, done: float, total: float) -> None:
+        if stage not in tasks:
+            tasks[stage] = bars.add_task(stage, total=total or 1)
+        bars.update(tasks[stage], completed=done, total=total or 1)
+
+    return bars, progress
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from edgedeploy.compile.build import build_bundle, describe
+
+    model = Path(args.model_dir)
+    out = Path(args.out) if args.out else Path("bundles") / f"{model.resolve().name}-{args.dtype}-{args.target}"
+    bars, progress = _progress_bars()
+    with bars:
+        manifest = build_bundle(model, out, target=args.target, dtype=args.dtype, context_window=args.context,
+                                prefill_chunk=args.prefill_chunk, progress=progress)
+    if args.json:
+        _emit_json("build", {"bundle": str(out), "manifest": describe(manifest)})
+    else:
+        total = sum(f["bytes"] for f in manifest.files.values())
+        console.print(f"[green]built[/] {out}  ({manifest.architecture}, {manifest.dtype}, target {manifest.target}, "
+                      f"context {manifest.context_window}, prefill chunk {manifest.prefill_chunk}, "
+                      f"{len(manifest.files)} files, {total / 2**20:,.1f} MiB)")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from edgedeploy.bundle import read_manifest
+    from edgedeploy.runtime.launch import detokenize, fit_prompt, run_local, tokenize
+    from edgedeploy.runtime.runner import read_prompt_file
+
+    bundle = Path(args.bundle)
+    manifest = read_manifest(bundle)
+    if manifest.target != "host":
+        raise EdgeDeployError(f"{bundle}: built for target {manifest.target!r}, which cannot run on this host; "
+                              "run it on a device with `edgedeploy profile`, or rebuild with --target host")
+    if (args.prompt is None) == (args.prompt_file is None):
+        raise EdgeDeployError("give exactly one of --prompt TEXT or --prompt-file IDS.json")
+    if args.prompt is not None:
+        ids = tokenize(bundle, args.prompt)
+    else:
+        try:
+            ids = read_prompt_file(Path(args.prompt_file))["token_ids"]
+        except ValueError as e:
+            raise EdgeDeployError(str(e)) from None
+    ids = fit_prompt(ids, manifest, args.max_new_tokens, args.truncate)
+    result = run_local(bundle, ids, args.max_new_tokens, threads=args.threads, touch_kv=args.touch_kv,
+                       verify=not args.no_verify)
+    if result.get("error"):
+        raise EdgeDeployError(f"runner: {result['error']}")
+    text = detokenize(bundle, result["token_ids"]) if (bundle / "tokenizer.json").is_file() else None
+    if args.json:
+        _emit_json("run", {"bundle": str(bundle), "text": text, "result": result})
+        return EXIT_OK
+    from edgedeploy.report.tables import print_run
+
+    print_run(console, text, result)
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Make a tiny model and run the whole flow on it, so a new user sees every step work."""
     from edgedeploy.tiny import make_tiny_checkpoint
@@ -90,6 +159,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     rc = main(["inspect", str(model)])
     console.rule("[bold]3. edgedeploy estimate --profile reference-12gb")
     rc = max(rc, main(["estimate", str(model), "--profile", "reference-12gb"]))
+    bundle = out / "tiny-llama-bundle"
+    console.rule("[bold]4. edgedeploy build (host)")
+    rc = max(rc, main(["build", str(model), "--out", str(bundle), "--context", "256", "--prefill-chunk", "64"]))
+    console.rule("[bold]5. edgedeploy run --prompt 'hello'")
+    rc = max(rc, main(["run", str(bundle), "--prompt", "hello", "--max-new-tokens", "16"]))
     return rc
 
 
@@ -113,6 +187,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_estimate)
 
+    s = sub.add_parser("build", help="compile a checkpoint into a bundle (library, weights, tokenizer, manifest)")
+    s.add_argument("model_dir")
+    s.add_argument("--target", choices=("host", "android", "android-opencl", "linux-aarch64"), default="host")
+    s.add_argument("--dtype", choices=("float16", "float32"), default="float16")
+    s.add_argument("--context", type=int, help="context window in tokens (default: model's, at most 4096)")
+    s.add_argument("--prefill-chunk", type=int, help="prefill chunk in tokens (default 512)")
+    s.add_argument("--out", help="bundle folder (default: bundles/NAME-DTYPE-TARGET)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_build)
+
+    s = sub.add_parser("run", help="run a host bundle on a prompt and print text and metrics")
+    s.add_argument("bundle")
+    s.add_argument("--prompt", help="prompt text (tokenized with the bundle's tokenizer)")
+    s.add_argument("--prompt-file", help="pre-tokenized prompt: JSON {\"token_ids\": [...]} or a list")
+    s.add_argument("--max-new-tokens", type=int, default=32)
+    s.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    s.add_argument("--touch-kv", action="store_true", help="touch the whole KV cache so the peak includes it")
+    s.add_argument("--truncate", action="store_true", help="keep the last tokens of a prompt that is too long")
+    s.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_run)
+
     s = sub.add_parser("profiles", help="list device profiles")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_profiles)
@@ -131,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     except EdgeDeployError as e:
         err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         return e.exit_code
+    except OSError as e:
+        # Disk full, permission denied, ...: the user's environment, not a bug, so no traceback.
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        return EXIT_INPUT
     except KeyboardInterrupt:
         err_console.print("interrupted")
         return 130

@@ -80,3 +80,20 @@ def print_profiles(console: Console, profiles: list[DeviceProfile]) -> None:
         t.add_row(p.name, p.description, f"{p.ram_mb:,.0f} MiB", f"{p.budget_mb:,.0f} MiB",
                   f"{p.memory_bandwidth_gbps:.1f} GB/s", p.target, "yes" if p.calibrated else "no")
     console.print(t)
+
+
+def print_run(console: Console, text: str | None, result: dict) -> None:
+    """Generated text and the runner's metrics."""
+    if text is not None:
+        console.print(f"[bold]output:[/] {text}")
+    t = Table(title="run", show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column(justify="right")
+    t.add_row("prompt / generated tokens", f"{result['prompt_tokens']} / {len(result['token_ids'])}")
+    t.add_row("load", f"{result['load_s']:.3f} s")
+    t.add_row("time to first token", f"{result['ttft_s'] * 1000:.1f} ms")
+    t.add_row("prefill", f"{result['prefill_tok_s']:,.1f} tok/s")
+    t.add_row("decode", f"{result['decode_tok_s']:,.1f} tok/s")
+    t.add_row("peak RSS (VmHWM)", _mb(result["peak_rss_bytes"]))
+    t.add_row("threads", str(result.get("threads") or "all"))
+    console.print(t)

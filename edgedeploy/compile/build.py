@@ -1,0 +1,157 @@
+"""``edgedeploy build``: checkpoint -> bundle folder (library, tensor-cache weights, tokenizer, manifest).
+
+The bundle is assembled in a sibling ``*.partial`` folder and renamed into place only when complete,
+so a failed or interrupted build never leaves a half-written bundle where a runner would find it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from edgedeploy.bundle import MANIFEST, Manifest, write_manifest
+from edgedeploy.checkpoint.intake import Checkpoint, open_checkpoint
+from edgedeploy.errors import EdgeDeployError, InputError
+
+#: Files copied from the checkpoint when present; the runner on a phone needs none of them, the host does.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "qwen.tiktoken")
+WEIGHTS_INDEX = "tensor-cache.json"
+DEFAULT_CONTEXT = 4096
+DEFAULT_PREFILL_CHUNK = 512
+
+
+class RuleFailure(EdgeDeployError):
+    """The checkpoint breaks the challenge's rules: nothing is built (exit code 1)."""
+
+    exit_code = 1
+
+
+#: Reports progress as (stage, done, total); the CLI draws bars from it, tests pass nothing.
+Progress = Callable[[str, float, float], None]
+
+
+def _no_progress(stage: str, done: float, total: float) -> None:
+    pass
+
+
+def stop_token_ids(model_dir: Path, cfg_eos: tuple[int, ...]) -> list[int]:
+    """End-of-sequence ids from config.json, generation_config.json and the tokenizer's eos token."""
+    ids = list(cfg_eos)
+    gen = model_dir / "generation_config.json"
+    if gen.is_file():
+        eos = json.loads(gen.read_text(encoding="utf-8")).get("eos_token_id")
+        ids += [eos] if isinstance(eos, int) else [e for e in eos or [] if isinstance(e, int)]
+    tok_cfg, tok_json = model_dir / "tokenizer_config.json", model_dir / "tokenizer.json"
+    if tok_cfg.is_file() and tok_json.is_file():
+        eos_tok = json.loads(tok_cfg.read_text(encoding="utf-8")).get("eos_token")
+        if isinstance(eos_tok, dict):
+            eos_tok = eos_tok.get("content")
+        if isinstance(eos_tok, str):
+            from tokenizers import Tokenizer
+
+            tid = Tokenizer.from_file(str(tok_json)).token_to_id(eos_tok)
+            if tid is not None:
+                ids.append(tid)
+    return sorted(set(ids))
+
+
+def _check_sizes(ck: Checkpoint, context: int, chunk: int) -> None:
+    if context <= 0 or chunk <= 0:
+        raise InputError("--context and --prefill-chunk must be positive")
+    if chunk > context:
+        raise InputError(f"--prefill-chunk ({chunk}) is larger than --context ({context})")
+    if context > ck.config.context_length:
+        raise InputError(f"--context {context} exceeds the model's context length ({ck.config.context_length})")
+
+
+def _prepare_out(out_dir: Path) -> Path:
+    if out_dir.exists() and not (out_dir / MANIFEST).is_file() and any(out_dir.iterdir()):
+        raise InputError(f"{out_dir}: exists and is not a bundle; choose another --out")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+
+
+def _swap_in(partial: Path, out_dir: Path) -> None:
+    """Replace ``out_dir`` by ``partial``; the old bundle is deleted only after the new one is in place."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{int(time.time() * 1000)}")
+        out_dir.rename(old)
+    partial.rename(out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def build_bundle(model_dir: Path | str, out_dir: Path | str, target: str = "host", dtype: str = "float16",
+                 context_window: int | None = None, prefill_chunk: int | None = None,
+                 progress: Progress = _no_progress) -> Manifest:
+    """Compile the checkpoint in ``model_dir`` for ``target`` and write a verified bundle to ``out_dir``.
+
+    Raises :class:`RuleFailure` when the rule check fails and :class:`InputError` for bad input.
+    """
+    from edgedeploy.compile.library import compile_model_library
+    from edgedeploy.compile.targets import get_target
+    from edgedeploy.compile.weights import write_tensor_cache
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if dtype not in ("float16", "float32"):
+        raise InputError(f"--dtype must be float16 or float32, not {dtype!r}")
+    spec = get_target(target)
+    ck = open_checkpoint(model_dir)
+    if not ck.rules.passed:
+        bad = "; ".join(f.message for f in ck.rules.findings if f.status == "FAIL")
+        raise RuleFailure(f"{model_dir}: rule check failed, nothing built: {bad}")
+    if not ck.has_weights:
+        raise InputError(f"{model_dir}: no weights (*.safetensors) to build")
+    cfg = ck.config
+    context = context_window or min(cfg.context_length, DEFAULT_CONTEXT)
+    chunk = prefill_chunk or min(DEFAULT_PREFILL_CHUNK, context)
+    _check_sizes(ck, context, chunk)
+
+    partial = _prepare_out(out_dir)
+    try:
+        progress("compile", 0, 1)
+        library = f"model{spec.library_suffix}"
+        compile_model_library(cfg, dtype, target, context, chunk, partial / library)
+        progress("compile", 1, 1)
+        write_tensor_cache(model_dir, cfg, dtype, partial,
+                           progress=lambda done, total, _name: progress("weights", done, total))
+        copied = [name for name in TOKENIZER_FILES if (model_dir / name).is_file()]
+        for name in copied:
+            shutil.copy2(model_dir / name, partial / name)
+        import tvm
+
+        import edgedeploy
+
+        manifest = Manifest(
+            architecture=cfg.architecture, family=cfg.family, config=cfg.to_dict(), parameters=ck.parameters,
+            dtype=dtype, target=target, target_triple=str(spec.target.get("mtriple") or
+                                                          spec.target.get("host", {}).get("mtriple") or "host"),
+            context_window=context, prefill_chunk=chunk, library=library,
+            weights_index=WEIGHTS_INDEX,
+            weights_bytes=sum(p.stat().st_size for p in partial.glob("params_shard_*.bin")),
+            tokenizer_files=copied, stop_token_ids=stop_token_ids(model_dir, cfg.eos_token_ids),
+            tvm_version=tvm.__version__, edgedeploy_version=edgedeploy.__version__,
+            source=str(model_dir.resolve()), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        )
+        progress("manifest", 0, 1)
+        write_manifest(partial, manifest)
+        progress("manifest", 1, 1)
+        _swap_in(partial, out_dir)
+        return manifest
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+def describe(manifest: Manifest) -> dict[str, Any]:
+    """The manifest without the per-file hashes, for console output."""
+    d = manifest.to_dict()
+    d["files"] = {k: v["bytes"] for k, v in manifest.files.items()}
+    return d

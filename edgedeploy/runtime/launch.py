@@ -1,0 +1,96 @@
+"""Host side of a run: tokenize, start the runner process, read its result line, detokenize.
+
+Tokenizing happens here, not in the runner, because a phone's runner carries no tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from edgedeploy.bundle import Manifest
+from edgedeploy.errors import EdgeDeployError, InputError
+
+
+class RunFailed(EdgeDeployError):
+    """The runner process ended without a usable result (exit code 3)."""
+
+    exit_code = 3
+
+
+def _tokenizer(bundle_dir: Path) -> Any:
+    from tokenizers import Tokenizer
+
+    path = bundle_dir / "tokenizer.json"
+    if not path.is_file():
+        raise InputError(f"{bundle_dir}: the bundle has no tokenizer.json; pass token ids with --prompt-file")
+    return Tokenizer.from_file(str(path))
+
+
+def tokenize(bundle_dir: Path, text: str) -> list[int]:
+    """Token ids of ``text`` with the bundle's tokenizer (its post-processor adds BOS where the model wants it)."""
+    return list(_tokenizer(bundle_dir).encode(text).ids)
+
+
+def detokenize(bundle_dir: Path, ids: list[int]) -> str:
+    return str(_tokenizer(bundle_dir).decode(ids, skip_special_tokens=True))
+
+
+def fit_prompt(ids: list[int], manifest: Manifest, max_new_tokens: int, truncate: bool) -> list[int]:
+    """Refuse (or, when asked, left-truncate) a prompt that leaves no room in the context window."""
+    room = manifest.context_window - max_new_tokens
+    if len(ids) <= manifest.context_window and (len(ids) <= room or not truncate):
+        return ids
+    if not truncate:
+        raise InputError(f"prompt of {len(ids)} tokens is longer than the bundle's context window "
+                         f"({manifest.context_window}); pass --truncate to keep its last tokens")
+    return ids[-max(room, 1):]
+
+
+def runner_command(bundle_dir: Path, prompt_file: Path, max_new_tokens: int | None = None,
+                   threads: int | None = None, touch_kv: bool = False, verify: bool = True) -> list[str]:
+    """The argv of the Python runner; device backends run the same command on the device."""
+    cmd = [sys.executable, "-m", "edgedeploy.runtime.runner", str(bundle_dir), "--prompt-file", str(prompt_file)]
+    if max_new_tokens is not None:
+        cmd += ["--max-new-tokens", str(max_new_tokens)]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    if touch_kv:
+        cmd.append("--touch-kv")
+    if not verify:
+        cmd.append("--no-verify")
+    return cmd
+
+
+def parse_result(stdout: str, returncode: int, stderr: str = "") -> dict[str, Any]:
+    """The runner's JSON result line (the last line that parses); RunFailed when there is none."""
+    for line in reversed(stdout.strip().splitlines()):
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(data, dict) and "schema_version" in data:
+            data["exit_code"] = returncode
+            return data
+    tail = (stderr.strip().splitlines() or ["no output"])[-1]
+    raise RunFailed(f"runner exited with code {returncode} and no result line ({tail})")
+
+
+def run_local(bundle_dir: Path, token_ids: list[int], max_new_tokens: int, threads: int | None = None,
+              touch_kv: bool = False, verify: bool = True, timeout: float | None = None) -> dict[str, Any]:
+    """Run the bundle on this host in a fresh runner process; return its result line (plus ``exit_code``)."""
+    with tempfile.TemporaryDirectory(prefix="edgedeploy-run-") as tmp:
+        prompt_file = Path(tmp) / "prompt.json"
+        prompt_file.write_text(json.dumps({"token_ids": token_ids, "max_new_tokens": max_new_tokens}))
+        env = {**os.environ, "TVM_USE_RUNTIME_LIB": "1"}
+        cmd = runner_command(bundle_dir, prompt_file, max_new_tokens, threads, touch_kv, verify)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise RunFailed(f"runner did not finish within {timeout:.0f} s") from None
+    return parse_result(proc.stdout, proc.returncode, proc.stderr)
