@@ -319,3 +319,35 @@ def test_detached_job_survives_command_but_not_daemon(tmp_path: Path) -> None:
     while _alive(pid):
         assert time.monotonic() < deadline, "a job of the virtual phone outlived the daemon"
         time.sleep(0.05)
+
+
+@needs_adb
+def test_adb_exec_in_and_exec_out(adb_server: AdbServer, phone: Phone) -> None:
+    r = subprocess.run(
+        [ADB, "-P", str(adb_server.port), "-s", phone.serial, "exec-in", "cat > /data/local/tmp/exec_in.txt"],  # type: ignore[list-item]
+        env=adb_server.env, input="through stdin\n", capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert adb_server.adb("-s", phone.serial, "exec-out", "cat exec_in.txt").stdout == "through stdin\n"
+
+
+@needs_adb
+def test_adb_auth_with_server_key(adb_server: AdbServer, tmp_path: Path) -> None:
+    from adb_shell.auth.keygen import keygen
+
+    keygen(str(tmp_path / "foreign"))
+    own = (Path(adb_server.env["HOME"]) / ".android/adbkey.pub").read_text()
+    (tmp_path / "own_keys").write_text(own + "\n")
+    (tmp_path / "foreign_keys").write_text((tmp_path / "foreign.pub").read_text() + "\n")
+    trusting = Phone(tmp_path / "sb1", "--auth-keys", str(tmp_path / "own_keys"))
+    refusing = Phone(tmp_path / "sb2", "--auth-keys", str(tmp_path / "foreign_keys"))
+    try:
+        adb_server.connect(trusting.serial)
+        assert adb_server.adb("-s", trusting.serial, "shell", "echo ok").stdout == "ok\n"
+        adb_server.adb("connect", refusing.serial)
+        time.sleep(0.5)
+        assert f"{refusing.serial}\tunauthorized" in adb_server.adb("devices").stdout
+    finally:
+        for p in (trusting, refusing):
+            adb_server.adb("disconnect", p.serial)
+            p.stop()

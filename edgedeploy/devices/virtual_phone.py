@@ -20,9 +20,10 @@ Device model and its limits:
   over budget the tree gets SIGKILL (shell v2 exit code 137) and an lmkd-style line goes to the logcat
   file (``logcat -d`` prints it, ``logcat -c`` clears it).
 * No pty: ``shell,pty`` runs like ``raw``; an empty command starts a plain ``/bin/sh`` reading stdin.
-* Process lifetime: each command gets its own process group. When the client closes the stream early (or the
-  connection drops) the whole tree is SIGKILLed; jobs a finished command left detached keep running, as on
-  a phone (unwatched by the memory budget), until the daemon stops, which kills every group it started.
+* Process lifetime: each command gets its own process group. When the client closes the stream early, stdin
+  gets EOF and the whole tree is SIGKILLed after ``CLOSE_GRACE_S`` (at once if the connection drops). Jobs a
+  finished command left detached keep running, as on a phone (unwatched by the memory budget), until the
+  daemon stops, which kills every process group it started.
 * Output is not rewritten back: commands that print paths show host sandbox paths.
 
 Run standalone: ``python -m edgedeploy.devices.virtual_phone --port P --sandbox DIR [--budget-mb N]
@@ -73,6 +74,7 @@ _STAT_V2 = struct.Struct("<4sIQQIIIIQqqq")
 _DENT_V1 = struct.Struct("<4sIIII")
 _DENT_V2 = struct.Struct("<4sIQQIIIIQqqqI")
 SYNC_DATA_MAX = 64 * 1024
+CLOSE_GRACE_S = 1.0
 _INBUF_LIMIT = 4 * MAX_PAYLOAD  # withhold OKAY past this so a fast sender cannot fill memory
 SHELL_STDIN, SHELL_STDOUT, SHELL_STDERR, SHELL_EXIT, SHELL_CLOSE_STDIN, SHELL_WINDOW = range(6)
 FEATURES = "shell_v2,cmd,stat_v2,ls_v2,fixed_push_mkdir"
@@ -278,8 +280,8 @@ class _Connection:
             if (s := self.streams.pop(arg1, None)) is not None:
                 s.peer_closed()
                 self.send(A_CLSE, s.local_id, s.remote_id)
-                if s.task:
-                    s.task.cancel()
+                if s.task:  # let a command finish reading its stdin (exec-in) before its tree is killed
+                    asyncio.get_running_loop().call_later(CLOSE_GRACE_S, s.task.cancel)
 
     def _on_connect(self, version: int, maxdata: int) -> None:
         self.maxdata = max(4096, min(maxdata, MAX_PAYLOAD))
@@ -492,7 +494,10 @@ cat {log}
 
         async def pump(pipe: asyncio.StreamReader, packet_id: int) -> None:
             while chunk := await pipe.read(SYNC_DATA_MAX):
-                await stream.write(struct.pack("<BI", packet_id, len(chunk)) + chunk if v2 else chunk)
+                if stream.eof:
+                    continue  # the client hung up: drop output so the command never blocks on a full pipe
+                with contextlib.suppress(ConnectionError):
+                    await stream.write(struct.pack("<BI", packet_id, len(chunk)) + chunk if v2 else chunk)
 
         self._groups.add(proc.pid)
         finished = False
@@ -505,9 +510,9 @@ cat {log}
                 pumps.append(pump(proc.stderr, SHELL_STDERR))  # type: ignore[arg-type]
             await asyncio.gather(*pumps)
             code = _signal_exit_code(await proc.wait())
-            if v2:
-                await stream.write(struct.pack("<BIB", SHELL_EXIT, 1, code))
             finished = True
+            if v2 and not stream.eof:
+                await stream.write(struct.pack("<BIB", SHELL_EXIT, 1, code))
         finally:
             for h in helpers:
                 h.cancel()
