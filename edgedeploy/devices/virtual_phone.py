@@ -25,10 +25,32 @@ Device model and its limits:
   finished command left detached keep running, as on a phone (unwatched by the memory budget), until the
   daemon stops, which kills every process group it started.
 * Output is not rewritten back: commands that print paths show host sandbox paths.
+* Props: ``ro.product.cpu.abi`` (and ``ro.product.cpu.abilist``) default to ``abi``, else the host's ABI in
+  Android names (x86_64 -> ``x86_64``, aarch64 -> ``arm64-v8a``); ``ro.edgedeploy.python`` is the daemon's
+  ``sys.executable`` (a host python that can run ``-m edgedeploy.runtime.runner``); ``ro.edgedeploy.virtual``
+  is ``1``. ``props`` override all of them. A foreign ``abi`` (``arm64-v8a`` on an x86_64 host) is only
+  recorded: commands still run natively on the host.
+
+Faults and limits (for testing what a client does when a phone misbehaves):
+
+* ``disk_bytes``: storage quota for sync pushes. Usage is the size of regular files under the sandbox except
+  ``/system`` (the phone's /data, /sdcard included), measured when a SEND starts, plus every SEND byte
+  received since. A SEND that would pass the quota is read to DONE, answered with FAIL
+  ``No space left on device`` (Debian adb: ``adb: error: failed to copy '...' to '...': remote No space left
+  on device``; adb-shell raises ``PushFailedError``), and its file is removed. Shell commands are not limited
+  (``cat > f`` can fill the host disk), but what they wrote counts against later pushes.
+* ``drop_after_bytes``: the first time the SEND data received over the daemon's lifetime (all connections)
+  passes N, the connection carrying it is cut at once (no CLSE, no FAIL): adb-shell raises
+  ``BrokenPipeError``/``ConnectionResetError``; Debian adb prints ``adb: error: failed to copy '...' to '...':
+  couldn't read from device`` and lists the device ``offline`` until ``adb disconnect`` + ``adb connect``.
+  It happens once per daemon, so a reconnect and retry succeeds. The target file is left behind,
+  truncated to the bytes that arrived before the cut (exactly N for the first push to a fresh daemon), with
+  the push's mode but not its mtime; other streams of that connection (running shells) are torn down as on
+  any lost connection.
 
 Run standalone: ``python -m edgedeploy.devices.virtual_phone --port P --sandbox DIR [--budget-mb N]
-[--prop k=v ...] [--auth-keys FILE] [--allow-any-key]`` (``--port 0`` picks a free port; the
-``virtual phone listening on 127.0.0.1:PORT`` line gives it).
+[--prop k=v ...] [--auth-keys FILE] [--allow-any-key] [--disk-mb N] [--drop-after-bytes N] [--abi ABI]``
+(``--port 0`` picks a free port; the ``virtual phone listening on 127.0.0.1:PORT`` line gives it).
 """
 
 from __future__ import annotations
@@ -39,6 +61,7 @@ import base64
 import contextlib
 import errno
 import os
+import platform
 import re
 import shlex
 import signal
@@ -88,6 +111,18 @@ DEFAULT_PROPS = {
     "ro.build.version.sdk": "34",
     "ro.edgedeploy.virtual": "1",
 }
+# platform.machine() names to Android ABI names (what ro.product.cpu.abi holds on a phone).
+HOST_ABIS = {
+    "x86_64": "x86_64",
+    "amd64": "x86_64",
+    "aarch64": "arm64-v8a",
+    "arm64": "arm64-v8a",
+    "armv7l": "armeabi-v7a",
+    "armv8l": "armeabi-v7a",
+    "i686": "x86",
+    "i386": "x86",
+}
+ENOSPC_MESSAGE = "No space left on device"
 _SAFE_SANDBOX = re.compile(r"[A-Za-z0-9_./+-]+")
 _LOCAL_HOSTS = ("127.0.0.1", "localhost")
 LOG_TAG = "lowmemorykiller"
@@ -221,8 +256,11 @@ class _Connection:
         self._next_id = 1
         self._token = b""
         self._sent_auth = False
+        self.dropped = False
 
     def send(self, cmd: int, arg0: int, arg1: int, data: bytes | bytearray = b"") -> None:
+        if self.dropped:
+            return  # a dropped link carries nothing, not even the CLSE of streams torn down with it
         self.writer.write(_HEADER.pack(cmd, arg0, arg1, len(data), _checksum(data), cmd ^ 0xFFFFFFFF))
         if data:
             self.writer.write(data)
@@ -244,6 +282,11 @@ class _Connection:
             pass
         finally:
             await self.close()
+
+    def drop(self) -> None:
+        """Cut the TCP connection at once, without CLSE: what a pulled cable looks like to the client."""
+        self.dropped = True
+        self.writer.transport.abort()
 
     async def close(self) -> None:
         tasks = [s.task for s in self.streams.values() if s.task]
@@ -358,7 +401,8 @@ class VirtualPhone:
     """A device-side ADB daemon serving a sandbox folder as the phone's filesystem.
 
     ``auth_keys=None`` disables AUTH; a list (possibly empty) requires a signature from one of its keys,
-    or, with ``allow_any_key``, accepts any public key the client offers.
+    or, with ``allow_any_key``, accepts any public key the client offers. ``disk_bytes`` (push quota),
+    ``drop_after_bytes`` (one connection cut mid-push) and ``abi`` are described in the module docstring.
     """
 
     def __init__(
@@ -370,6 +414,9 @@ class VirtualPhone:
         auth_keys: list[rsa.RSAPublicKey | str | bytes] | None = None,
         host: str = "127.0.0.1",
         allow_any_key: bool = False,
+        disk_bytes: int | None = None,
+        drop_after_bytes: int | None = None,
+        abi: str | None = None,
     ) -> None:
         if host not in _LOCAL_HOSTS:
             raise ValueError(f"the virtual phone only listens on loopback (127.0.0.1/localhost), not {host!r}")
@@ -382,10 +429,20 @@ class VirtualPhone:
         self.auth_keys: list[rsa.RSAPublicKey] | None = None
         if auth_keys is not None:
             self.auth_keys = [k if isinstance(k, rsa.RSAPublicKey) else parse_adb_public_key(k) for k in auth_keys]
+        self.disk_bytes = disk_bytes
+        self.drop_after_bytes = drop_after_bytes
         self.props = dict(DEFAULT_PROPS)
         if memory_budget_bytes:
             self.props["ro.edgedeploy.memtotal_kb"] = str(memory_budget_bytes // 1024)
+        host_abi = HOST_ABIS.get(platform.machine().lower(), platform.machine().lower())
+        self.props["ro.product.cpu.abi"] = abi or host_abi
+        self.props["ro.edgedeploy.python"] = sys.executable
         self.props.update({str(k): str(v) for k, v in (props or {}).items()})
+        self.props.setdefault("ro.product.cpu.abilist", self.props["ro.product.cpu.abi"])
+        # Recorded only: binaries still run natively even when this names another architecture.
+        self.abi = self.props["ro.product.cpu.abi"]
+        self._send_bytes = 0  # SEND DATA bytes received over the daemon's lifetime (drives drop_after_bytes)
+        self._dropped = False
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
         self._groups: set[int] = set()  # process groups of every command, killed when the daemon stops
@@ -428,6 +485,21 @@ cat {log}
             path = self.root / "system/bin" / name
             path.write_text(text)
             path.chmod(0o755)
+
+    def disk_used(self) -> int:
+        """Bytes in regular files under the sandbox, ``/system`` excepted: the phone's /data (/sdcard lives there)."""
+        seen: set[tuple[int, int]] = set()
+        total = 0
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            if dirpath == str(self.root):
+                dirnames[:] = [d for d in dirnames if d != "system"]
+            for name in filenames:
+                with contextlib.suppress(OSError):
+                    st = os.lstat(os.path.join(dirpath, name))
+                    if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
+                        seen.add((st.st_dev, st.st_ino))
+                        total += st.st_size
+        return total
 
     def host_path(self, device_path: str) -> Path:
         """Map a device path into the sandbox; ``PermissionError`` if it would leave the sandbox."""
@@ -643,6 +715,10 @@ cat {log}
             fd = os.open(host, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, (mode & 0o777) or 0o644)
         except (OSError, ValueError) as e:
             error = f"{spec}: {getattr(e, 'strerror', None) or e}"
+        # Quota: usage at the start (the target is already truncated) plus every SEND byte received since,
+        # from this push or concurrent ones; overwrites and failed pushes make it err on the full side.
+        mark = self._send_bytes
+        used = await asyncio.to_thread(self.disk_used) if self.disk_bytes is not None and fd >= 0 else 0
         # The client streams the whole file before it reads any reply, so keep reading to DONE even on error.
         try:
             while True:
@@ -653,11 +729,24 @@ cat {log}
                 if request != b"DATA" or length > MAX_PAYLOAD:
                     raise ConnectionResetError(f"bad sync packet {request!r} during SEND")
                 data = await stream.readexactly(length)
+                before = self._send_bytes
+                self._send_bytes += length
+                cut = self.drop_after_bytes
+                drop = cut is not None and not self._dropped and self._send_bytes > cut
+                if drop:
+                    # Keep exactly the bytes that arrived before the cut, like storage on a phone that lost its link.
+                    data = data[: max(0, (cut or 0) - before)]
+                if error is None and self.disk_bytes is not None and used + self._send_bytes - mark > self.disk_bytes:
+                    error = ENOSPC_MESSAGE  # keep reading to DONE, as adbd does, then FAIL and remove the file
                 if fd >= 0 and error is None:
                     try:
                         os.write(fd, data)
                     except OSError as e:
                         error = f"{spec}: {e.strerror}"
+                if drop:
+                    self._dropped = True  # once per daemon lifetime, so the client's retry goes through
+                    stream.conn.drop()
+                    raise ConnectionResetError("drop_after_bytes: connection cut during SEND")
         finally:
             if fd >= 0:
                 os.close(fd)
@@ -779,15 +868,22 @@ def serve(
     memory_budget_bytes: int | None,
     auth_keys_file: Path | None = None,
     allow_any_key: bool = False,
+    disk_bytes: int | None = None,
+    drop_after_bytes: int | None = None,
+    abi: str | None = None,
 ) -> None:
     """Run a virtual phone until SIGINT/SIGTERM; prints ``virtual phone listening on 127.0.0.1:PORT`` when ready.
 
     With ``auth_keys_file`` (``adb_keys`` format) clients must sign the AUTH token with one of its keys.
+    ``disk_bytes``, ``drop_after_bytes`` and ``abi`` are passed to :class:`VirtualPhone`.
     """
     keys: list[Any] | None = load_auth_keys(auth_keys_file) if auth_keys_file is not None else None
     if keys is None and allow_any_key:
         keys = []
-    phone = VirtualPhone(Path(sandbox), port, props, memory_budget_bytes, keys, allow_any_key=allow_any_key)
+    phone = VirtualPhone(
+        Path(sandbox), port, props, memory_budget_bytes, keys, allow_any_key=allow_any_key,
+        disk_bytes=disk_bytes, drop_after_bytes=drop_after_bytes, abi=abi,
+    )  # fmt: skip
     asyncio.run(phone.serve_forever())
 
 
@@ -803,6 +899,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prop", action="append", default=[], metavar="KEY=VALUE", help="device property (repeatable)")
     ap.add_argument("--auth-keys", type=Path, default=None, help="adb_keys file; enables AUTH")
     ap.add_argument("--allow-any-key", action="store_true", help="enable AUTH but accept any offered public key")
+    ap.add_argument("--disk-mb", type=float, default=None, help="storage quota for sync pushes into /data (MiB)")
+    ap.add_argument(
+        "--drop-after-bytes", type=int, default=None, metavar="N",
+        help="cut the connection once, when the pushed bytes (all connections) pass N",
+    )  # fmt: skip
+    ap.add_argument("--abi", default=None, help="ro.product.cpu.abi (default: the host's, in Android names)")
     args = ap.parse_args(argv)
     props = {}
     for item in args.prop:
@@ -811,7 +913,11 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--prop needs KEY=VALUE, got {item!r}")
         props[key] = value
     budget = args.budget_mb * 1024 * 1024 if args.budget_mb else None
-    serve(args.sandbox, args.port, props, budget, args.auth_keys, args.allow_any_key)
+    disk = int(args.disk_mb * 1024 * 1024) if args.disk_mb is not None else None
+    serve(
+        args.sandbox, args.port, props, budget, args.auth_keys, args.allow_any_key,
+        disk_bytes=disk, drop_after_bytes=args.drop_after_bytes, abi=args.abi,
+    )  # fmt: skip
     return 0
 
 
