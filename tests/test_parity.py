@@ -37,7 +37,10 @@ FP32_TOL = 1e-4
 #: name -> (family, checkpoint overrides, make_tiny_checkpoint extras)
 CASES: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "llama-gqa-untied": ("llama", {}, {}),
-    "llama-mha-headdim24": ("llama", {"num_key_value_heads": 4, "head_dim": 24}, {}),
+    # MHA, head_dim 24 (not a power of two), Llama-3 RoPE scaling whose low/high-frequency split the prompt crosses.
+    "llama-mha-headdim24-rope3": ("llama", {"num_key_value_heads": 4, "head_dim": 24, "rope_parameters": {
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 16}}, {}),
     "qwen2-tied": ("qwen2", {"tie_word_embeddings": True}, {}),
     "qwen-v1": ("qwen", {}, {}),
     "phi-partial-rotary": ("phi", {}, {}),

@@ -108,7 +108,10 @@ class Engine:
             raise InputError(f"{self.library_path}: cannot load model library ({e})") from None
         dev = tvm.cpu()
         self._vm = tvm.runtime.vm.VirtualMachine(lib, dev)
-        self.metadata = json.loads(str(self._vm["_metadata"]()))
+        try:
+            self.metadata = json.loads(str(self._vm["_metadata"]()))
+        except Exception as e:  # noqa: BLE001
+            raise InputError(f"{self.library_path}: not an edgedeploy model library (no _metadata: {e})") from None
         self._params = tvm.runtime.convert(self._load_params(dev))
         m = self.metadata
         shape = tvm.runtime.ShapeTuple
