@@ -195,6 +195,8 @@ def test_runtime_guards(workdir: Path) -> None:
     assert res.finish_reason == "context" and len(res.token_ids) == 4
     stop = res.token_ids[0]
     assert e.generate([7] * 20, 50, [stop]).finish_reason == "stop"
+    e.touch_kv_cache()
+    assert e.seq_len == 0
 
 
 def test_runner_process_has_no_torch(workdir: Path) -> None:
