@@ -53,6 +53,8 @@ class Manifest:
     source: str
     created: str
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: The rule check at build time (the checkpoint is not beside the bundle on a device farm).
+    rules: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +147,88 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    from edgedeploy.devices.profiles import load_profile
+    from edgedeploy.profile.profiler import default_profile, load_prompts, profile_models, write_reports
+    from edgedeploy.report.tables import print_fit
+
+    profile = load_profile(args.profile or default_profile(args.device))
+    prompts = load_prompts(args.prompts)
+    for name, value in (("--runs", args.runs), ("--warmup", args.warmup)):
+        if value < (1 if name == "--runs" else 0):
+            raise EdgeDeployError(f"{name} must be at least {1 if name == '--runs' else 0}")
+    bars = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                    console=err_console)
+    task = None
+
+    def push_progress(done: int, total: int) -> None:
+        nonlocal task
+        if task is None:
+            task = bars.add_task("push", total=total)
+        bars.update(task, completed=done, total=total)
+
+    def event(what: str, detail: str) -> None:
+        nonlocal task
+        if what == "model":
+            task = None
+        bars.console.print(f"[dim]{what}[/] {detail}", highlight=False)
+
+    with bars:
+        results = profile_models([Path(b) for b in args.bundles], args.device, args.adb_server, profile, prompts,
+                                 push_progress=push_progress, event=event, runs=args.runs, warmup=args.warmup,
+                                 cooldown_s=args.cooldown, threads=args.threads, touch_kv=not args.no_touch_kv,
+                                 keep=args.keep, reference=Path(args.reference) if args.reference else None,
+                                 timeout=args.timeout)
+    out = Path(args.out) if args.out else Path("reports") / time.strftime("%Y%m%d-%H%M%S")
+    paths = write_reports(results, out)
+    if args.json:
+        print(paths["json"].read_text())
+    else:
+        print_fit(console, results)
+        console.print("reports: " + ", ".join(str(p) for p in paths.values()))
+    return EXIT_OK if results["verdict"] == "PASS" else EXIT_FAIL
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from edgedeploy.report.fit import RENDERERS
+
+    path = Path(args.results)
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+        verdict = results["verdict"]
+        results["models"]  # noqa: B018 - presence check
+    except OSError as e:
+        raise EdgeDeployError(f"{path}: cannot read ({e.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        raise EdgeDeployError(f"{path}: not an edgedeploy results file") from None
+    text = RENDERERS[args.format](results)
+    if args.out:
+        Path(args.out).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    return EXIT_OK if verdict == "PASS" else EXIT_FAIL
+
+
+def cmd_virtual_phone(args: argparse.Namespace) -> int:
+    from edgedeploy.devices.profiles import load_profile
+    from edgedeploy.devices.virtual_phone import serve
+
+    profile = load_profile(args.profile)
+    sandbox = Path(args.sandbox) if args.sandbox else Path(tempfile.mkdtemp(prefix="edgedeploy-phone-"))
+    # The phone's ABI is whatever this host runs (or --abi): a profile's arm64-v8a must not claim otherwise.
+    props = {k: v for k, v in profile.props.items() if not k.startswith("ro.product.cpu.abi")}
+    props.setdefault("ro.edgedeploy.memtotal_kb", str(int(profile.ram_mb * 1024)))
+    props.setdefault("ro.edgedeploy.profile", profile.name)
+    budget_mb = args.budget_mb or profile.usable_budget_mb
+    err_console.print(f"virtual phone '{profile.name}': sandbox {sandbox}, memory budget {budget_mb:,.0f} MiB",
+                      highlight=False)
+    serve(sandbox, args.port, props, int(budget_mb * 2**20), auth_keys_file=args.auth_keys,
+          disk_bytes=int(args.disk_mb * 2**20) if args.disk_mb else None, abi=args.abi)
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Make a tiny model and run the whole flow on it, so a new user sees every step work."""
     from edgedeploy.tiny import make_tiny_checkpoint
@@ -208,6 +291,43 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("profile", help="push bundles to a device, run scripted prompts, write a fit report")
+    s.add_argument("bundles", nargs="+", metavar="BUNDLE")
+    s.add_argument("--device", help="adb serial, HOST:PORT (via the adb server) or tcp:HOST:PORT (direct); "
+                   "default: this host")
+    s.add_argument("--adb-server", help="HOST:PORT of a remote adb server (as adb -H/-P)")
+    s.add_argument("--profile", help="device profile (default: host for this host, else reference-12gb)")
+    s.add_argument("--prompts", nargs="+", help="prompt files or built-in names (default: chat-short doc-1k long-2k)")
+    s.add_argument("--runs", type=int, default=3, help="measured runs per prompt (default 3)")
+    s.add_argument("--warmup", type=int, default=1, help="warm-up runs per prompt (default 1)")
+    s.add_argument("--cooldown", type=float, default=0.0, help="seconds to wait between runs")
+    s.add_argument("--threads", type=int, help="runner CPU threads")
+    s.add_argument("--no-touch-kv", action="store_true", help="do not touch the whole KV cache at load "
+                   "(the peak then only covers the prompts' tokens)")
+    s.add_argument("--reference", help="host bundle whose tokens the device must reproduce "
+                   "(default: the bundle itself when it is a host build)")
+    s.add_argument("--timeout", type=float, default=900.0, help="seconds allowed per run")
+    s.add_argument("--keep", action="store_true", help="leave the pushed files on the device")
+    s.add_argument("--out", help="report folder (default: reports/TIMESTAMP)")
+    s.add_argument("--json", action="store_true", help="print results.json")
+    s.set_defaults(func=cmd_profile)
+
+    s = sub.add_parser("report", help="re-render a results.json")
+    s.add_argument("results")
+    s.add_argument("--format", choices=("md", "junit", "json", "html"), default="md")
+    s.add_argument("--out", help="write to this file instead of stdout")
+    s.set_defaults(func=cmd_report)
+
+    s = sub.add_parser("virtual-phone", help="serve a virtual reference phone (device-side adbd) on 127.0.0.1")
+    s.add_argument("--profile", default="reference-12gb")
+    s.add_argument("--port", type=int, default=6520, help="TCP port on 127.0.0.1 (0 picks a free one)")
+    s.add_argument("--sandbox", help="folder standing in for the phone's storage (default: a new temp folder)")
+    s.add_argument("--budget-mb", type=float, help="memory budget (default: the profile's usable budget)")
+    s.add_argument("--disk-mb", type=float, help="storage quota for pushes")
+    s.add_argument("--abi", help="ro.product.cpu.abi (default: this host's)")
+    s.add_argument("--auth-keys", type=Path, help="adb_keys file: require ADB auth with one of these keys")
+    s.set_defaults(func=cmd_virtual_phone)
 
     s = sub.add_parser("profiles", help="list device profiles")
     s.add_argument("--json", action="store_true")

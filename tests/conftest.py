@@ -20,3 +20,13 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                                   max_shard_size="40KB" if fam == "llama" else None)
         for fam in FAMILIES
     }
+
+
+@pytest.fixture(scope="session")
+def host_bundle(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama built for the host (context 128, prefill chunk 32)."""
+    from edgedeploy.compile.build import build_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "llama-host"
+    build_bundle(tiny_models["llama"], out, target="host", context_window=128, prefill_chunk=32)
+    return out

@@ -18,13 +18,15 @@ from edgedeploy.runtime.launch import run_local, tokenize
 
 
 @pytest.fixture(scope="module")
-def bundle(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("bundles") / "llama-host"
+def bundle(host_bundle: Path) -> Path:
+    return host_bundle
+
+
+def test_build_reports_each_stage(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     stages: list[str] = []
-    build_bundle(tiny_models["llama"], out, target="host", context_window=128, prefill_chunk=32,
+    build_bundle(tiny_models["phi"], tmp_path / "phi", context_window=64, prefill_chunk=16,
                  progress=lambda stage, done, total: stages.append(stage))
     assert {"compile", "weights", "manifest"} <= set(stages)
-    return out
 
 
 def test_manifest_records_sizes_and_every_file(bundle: Path, tiny_models: dict[str, Path]) -> None:
@@ -38,6 +40,7 @@ def test_manifest_records_sizes_and_every_file(bundle: Path, tiny_models: dict[s
     for rel, meta in m.files.items():
         assert sha256_file(bundle / rel) == meta["sha256"]
     assert 1 in m.stop_token_ids  # eos of the tiny tokenizer and config
+    assert m.rules["status"] == "PASS"
 
 
 def test_fp16_weights_are_written_bit_for_bit(bundle: Path, tiny_models: dict[str, Path]) -> None:

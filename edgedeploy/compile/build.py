@@ -139,6 +139,7 @@ def build_bundle(model_dir: Path | str, out_dir: Path | str, target: str = "host
             tokenizer_files=copied, stop_token_ids=stop_token_ids(model_dir, cfg.eos_token_ids),
             tvm_version=tvm.__version__, edgedeploy_version=edgedeploy.__version__,
             source=str(model_dir.resolve()), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            rules=ck.rules.to_dict(),
         )
         progress("manifest", 0, 1)
         write_manifest(partial, manifest)

@@ -17,7 +17,8 @@ Device model and its limits:
 * ``getprop`` and ``logcat`` are small scripts in ``sandbox/system/bin`` (prepended to ``PATH``).
   ``/proc/meminfo`` stays the host's; the phone's RAM is the prop ``ro.edgedeploy.memtotal_kb``.
 * Memory budget (a stand-in for Android's lmkd): the RSS of each shell process tree is polled every 20 ms;
-  over budget the tree gets SIGKILL (shell v2 exit code 137) and an lmkd-style line goes to the logcat
+  over budget its largest process gets SIGKILL (exit code 137; the parent shell survives, as with lmkd,
+  which picks one victim) and an lmkd-style line with the victim's RSS goes to the logcat
   file (``logcat -d`` prints it, ``logcat -c`` clears it).
 * No pty: ``shell,pty`` runs like ``raw``; an empty command starts a plain ``/bin/sh`` reading stdin.
 * Process lifetime: each command gets its own process group. When the client closes the stream early, stdin
@@ -618,11 +619,13 @@ cat {log}
     async def _watch_memory(self, proc: asyncio.subprocess.Process) -> None:
         budget = self.memory_budget_bytes or 0
         while proc.returncode is None:
-            total, name, pid = await asyncio.to_thread(_tree_rss, proc.pid)
+            total, name, pid, victim_rss = await asyncio.to_thread(_tree_rss, proc.pid)
             if total > budget:
-                _kill_tree(proc.pid)
-                self._log_kill(name, pid, total)
-                return
+                # Like lmkd, kill one victim (the largest process), not its parent shell: a profiler's
+                # shell that started the runner survives and reports the runner's exit code 137.
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+                self._log_kill(name, pid, victim_rss)
             await asyncio.sleep(0.02)
 
     def _log_kill(self, name: str, pid: int, rss_bytes: int) -> None:
@@ -829,13 +832,13 @@ def _stat_fields(st: os.stat_result) -> tuple[int, ...]:
     )  # fmt: skip
 
 
-def _tree_rss(pid: int) -> tuple[int, str, int]:
-    """Total RSS of ``pid`` and its descendants, plus the name and pid of the largest one."""
+def _tree_rss(pid: int) -> tuple[int, str, int, int]:
+    """Total RSS of ``pid`` and its descendants, plus the name, pid and RSS of the largest one."""
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
     except psutil.Error:
-        return 0, "", pid
+        return 0, "", pid, 0
     total, biggest = 0, (0, "", pid)
     for p in procs:
         try:
@@ -845,7 +848,7 @@ def _tree_rss(pid: int) -> tuple[int, str, int]:
         except psutil.Error:
             continue
         total += rss
-    return total, biggest[1], biggest[2]
+    return total, biggest[1], biggest[2], biggest[0]
 
 
 def _kill_tree(pid: int) -> None:

@@ -97,3 +97,24 @@ def print_run(console: Console, text: str | None, result: dict) -> None:
     t.add_row("peak RSS (VmHWM)", _mb(result["peak_rss_bytes"]))
     t.add_row("threads", str(result.get("threads") or "all"))
     console.print(t)
+
+
+def print_fit(console: Console, results: dict) -> None:
+    """One row per model: verdict, peaks, budget, speed, and the first failing reason."""
+    t = Table(title=f"fit report on {results['profile']['name']} ({results['device'].get('serial', '')}): "
+                    f"{status_text(results['verdict'])}", title_justify="left")
+    for col in ("model", "verdict", "predicted", "measured peak", "budget", "TTFT s", "prefill tok/s",
+                "decode tok/s", "reason"):
+        t.add_column(col)
+    for m in results["models"]:
+        first = m["prompts"][0]["summary"] if m.get("prompts") else {}
+
+        def med(key: str, fmt: str = "{:,.1f}", s: dict = first) -> str:
+            v = s.get(key) or {}
+            return f"{fmt.format(v['median'])} ± {fmt.format(v['stdev'])}" if v else "n/a"
+
+        measured = m.get("measured_peak_bytes")
+        t.add_row(m["model"], status_text(m.get("verdict", "?")), _mb(m["estimate"]["peak_bytes"]),
+                  _mb(measured) if measured else "n/a", _mb(m["budget_bytes"]), med("ttft_s", "{:.3f}"),
+                  med("prefill_tok_s"), med("decode_tok_s"), "; ".join(m.get("reasons", [])))
+    console.print(t)

@@ -1,0 +1,62 @@
+"""``edgedeploy profile``: open the device, profile each bundle, evaluate, write the report files."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import edgedeploy
+from edgedeploy.devices.adb import open_device
+from edgedeploy.devices.profiles import DeviceProfile, load_profile
+from edgedeploy.profile.prompts import DEFAULT_SETS, PromptSpec, load_prompt_file
+from edgedeploy.profile.push import PushProgress
+from edgedeploy.profile.session import Event, _no_event, profile_bundle
+from edgedeploy.report.fit import RENDERERS, SCHEMA_VERSION, SUFFIXES, make_report
+
+
+def load_prompts(names: list[str] | None) -> list[PromptSpec]:
+    """Prompt files by path or built-in name; the three built-in sets when none are given."""
+    return [load_prompt_file(n) for n in (names or DEFAULT_SETS)]
+
+
+def default_profile(device_spec: str | None) -> str:
+    return "host" if device_spec in (None, "", "local") else "reference-12gb"
+
+
+def profile_models(bundles: list[Path], device_spec: str | None = None, adb_server: str | None = None,
+                   profile: DeviceProfile | None = None, prompts: list[PromptSpec] | None = None,
+                   push_progress: PushProgress | None = None, event: Event = _no_event,
+                   **options: Any) -> dict[str, Any]:
+    """Profile every bundle on one device and return the evaluated results (the JSON report's content).
+
+    ``options`` go to :func:`~edgedeploy.profile.session.profile_bundle` (runs, warmup, cooldown_s,
+    threads, touch_kv, keep, reference, timeout).
+    """
+    profile = profile or load_profile(default_profile(device_spec))
+    prompts = prompts or load_prompts(None)
+    with open_device(device_spec, adb_server) as device:
+        facts = device.facts()
+        models = []
+        for bundle in bundles:
+            event("model", str(bundle))
+            model = profile_bundle(device, Path(bundle), prompts, push_progress=push_progress, event=event, **options)
+            model["device"] = facts.to_dict()
+            models.append(model)
+    results = {"schema_version": SCHEMA_VERSION, "kind": "profile", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+               "edgedeploy_version": edgedeploy.__version__, "device": facts.to_dict(),
+               "profile": profile.to_dict(), "models": models}
+    return make_report(results, profile)
+
+
+def write_reports(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    """Write every format into ``out_dir``; return format -> path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for fmt, render in RENDERERS.items():
+        path = out_dir / SUFFIXES[fmt]
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(render(results), encoding="utf-8")
+        tmp.replace(path)
+        paths[fmt] = path
+    return paths

@@ -1,0 +1,224 @@
+"""Run scripted prompts on a device and collect measurements: the heart of ``edgedeploy profile``.
+
+Each run is a fresh runner process started by one device shell command that also samples
+``/proc/PID/status`` (VmRSS, VmHWM) while it runs, so we get a memory timeline without a second
+connection. The runner's own JSON line (its VmHWM read just before exit) is the peak of record; the
+timeline is what is left when the runner is killed for memory (exit 137) and cannot report.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import re
+import shlex
+import statistics
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgedeploy.bundle import Manifest, read_manifest
+from edgedeploy.devices.base import Device, DeviceError, DeviceFacts
+from edgedeploy.profile.prompts import PromptSpec, TokenizedPrompt, tokenize_prompt
+from edgedeploy.profile.push import PushProgress, push_bundle
+from edgedeploy.runtime.launch import parse_result, run_local
+
+KILLED = 137
+SAMPLE_S = 0.1
+#: Events for the CLI's progress display: (what, detail).
+Event = Callable[[str, str], None]
+
+
+def _no_event(what: str, detail: str) -> None:
+    pass
+
+
+@dataclass
+class RunnerSpec:
+    """How to start the runner on a device; the Android issue adds the native runner here."""
+
+    kind: str
+    argv: list[str]
+    abi: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "abi": self.abi}
+
+
+def select_runner(facts: DeviceFacts) -> RunnerSpec:
+    """The runner matching the device: the host Python runner where the device can run it."""
+    python = facts.props.get("ro.edgedeploy.python")
+    if python:
+        return RunnerSpec("python", ["env", "TVM_USE_RUNTIME_LIB=1", python, "-m", "edgedeploy.runtime.runner"],
+                          facts.abi)
+    raise DeviceError(f"{facts.serial}: no runner for this device (ABI {facts.abi or 'unknown'}): the native "
+                      "Android runner from android_template/ is needed for a real phone")
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    return {"median": statistics.median(values), "stdev": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values), "n": len(values)}
+
+
+_LMKD = re.compile(r"Kill '([^']*)' \((\d+)\).*?to free (\d+)kB")
+
+
+def lmkd_kill(logcat: str, pid: int | None) -> dict[str, Any] | None:
+    """The low-memory-killer line for ``pid`` (or the last one) in ``logcat -d`` output."""
+    found = None
+    for line in logcat.splitlines():
+        m = _LMKD.search(line)
+        if m and (pid is None or int(m.group(2)) == pid or found is None):
+            found = {"process": m.group(1), "pid": int(m.group(2)), "freed_bytes": int(m.group(3)) * 1024,
+                     "line": line.strip()}
+    return found
+
+
+def _runner_script(runner: RunnerSpec, run_dir: str, bundle: str, prompt: str, threads: int | None,
+                   touch_kv: bool) -> str:
+    args = [*runner.argv, bundle, "--prompt-file", prompt, "--no-verify"]
+    if threads:
+        args += ["--threads", str(threads)]
+    if touch_kv:
+        args.append("--touch-kv")
+    q = shlex.quote
+    cmd = " ".join(q(a) for a in args)
+    # A zombie keeps /proc/PID but loses its Vm* lines: that ends the sampling loop before `wait` reaps it.
+    return (f"cd {q(run_dir)} || exit 97\n"
+            f"{cmd} > result.json 2> stderr.txt &\n"
+            "pid=$!\necho pid=$pid\n"
+            "while :; do\n"
+            "  s=$(grep -E '^(VmRSS|VmHWM):' /proc/$pid/status 2>/dev/null | tr -s ' \\n' '  ')\n"
+            "  [ -z \"$s\" ] && break\n"
+            "  echo \"mem $s\"\n"
+            f"  sleep {SAMPLE_S}\n"
+            "done\n"
+            "wait $pid\necho rc=$?\n")
+
+
+def _parse_samples(stdout: str) -> tuple[int | None, list[dict[str, float]], int | None]:
+    pid = rc = None
+    timeline: list[dict[str, float]] = []
+    for line in stdout.splitlines():
+        if line.startswith("pid="):
+            pid = int(line[4:])
+        elif line.startswith("rc="):
+            rc = int(line[3:])
+        elif line.startswith("mem "):
+            nums = dict(re.findall(r"(VmRSS|VmHWM): (\d+) kB", line))
+            timeline.append({"t_s": round(len(timeline) * SAMPLE_S, 3),
+                             "rss_bytes": int(nums.get("VmRSS", 0)) * 1024,
+                             "hwm_bytes": int(nums.get("VmHWM", 0)) * 1024})
+    return pid, timeline, rc
+
+
+def run_once(device: Device, runner: RunnerSpec, remote_bundle: str, run_dir: str, prompt: TokenizedPrompt,
+             threads: int | None, touch_kv: bool, timeout: float) -> dict[str, Any]:
+    """One runner process on the device; returns its result line plus exit code, timeline and kill info."""
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / "prompt.json"
+        local.write_text(json.dumps({"token_ids": prompt.token_ids, "max_new_tokens": prompt.max_new_tokens}))
+        remote_prompt = posixpath.join(run_dir, "prompt.json")
+        device.push(local, remote_prompt)
+    device.run_args(["rm", "-f", posixpath.join(run_dir, "result.json"), posixpath.join(run_dir, "stderr.txt")])
+    t0 = time.perf_counter()
+    shell = device.shell(_runner_script(runner, run_dir, remote_bundle, remote_prompt, threads, touch_kv),
+                         timeout=timeout)
+    wall = time.perf_counter() - t0
+    pid, timeline, rc = _parse_samples(shell.stdout)
+    if rc is None:
+        # The shell itself died (killed with its child, or timed out): end whatever it left behind.
+        if pid:
+            device.run_args(["kill", "-9", str(pid)])
+        rc = shell.exit_code if shell.exit_code else 124
+    out = device.run_args(["cat", posixpath.join(run_dir, "result.json")]).stdout
+    try:
+        record = parse_result(out, rc)
+    except Exception:  # noqa: BLE001 - no result line is the normal outcome of a kill
+        err = device.run_args(["tail", "-n", "5", posixpath.join(run_dir, "stderr.txt")]).stdout.strip()
+        record = {"exit_code": rc, "error": f"runner exited with code {rc} and no result"
+                  + (f": {err.splitlines()[-1]}" if err else "")}
+    record.update(wall_s=wall, timeline=timeline[:: max(1, len(timeline) // 200)], device_pid=pid)
+    if rc == KILLED:
+        kill = lmkd_kill(device.run_args(["logcat", "-d"]).stdout, pid)
+        last = max((s["rss_bytes"] for s in timeline), default=0)
+        record["killed"] = {"signal": "SIGKILL", "last_rss_bytes": last,
+                            "killed_at_bytes": max(last, kill["freed_bytes"] if kill else 0), "lmkd": kill}
+        record["error"] = f"killed at {record['killed']['killed_at_bytes'] / 2**20:,.0f} MiB (exit 137)"
+    return record
+
+
+def profile_bundle(device: Device, bundle_dir: Path, prompts: list[PromptSpec], runs: int = 3, warmup: int = 1,
+                   cooldown_s: float = 0.0, threads: int | None = None, touch_kv: bool = True, keep: bool = False,
+                   reference: Path | None = None, timeout: float = 900.0, push_progress: PushProgress | None = None,
+                   event: Event = _no_event) -> dict[str, Any]:
+    """Push ``bundle_dir``, run every prompt ``warmup`` + ``runs`` times, return the raw measurements.
+
+    ``reference`` is a host bundle of the same model whose tokens the device must reproduce (default:
+    the bundle itself when it is a host build). Files and processes started on the device are removed
+    at the end unless ``keep``.
+    """
+    from tokenizers import Tokenizer
+
+    manifest: Manifest = read_manifest(bundle_dir)
+    facts = device.facts()
+    runner = select_runner(facts)
+    remote_bundle = posixpath.join(device.work_dir, "bundles", bundle_dir.resolve().name)
+    run_dir = posixpath.join(device.work_dir, "runs", uuid.uuid4().hex[:12])
+    event("push", f"{bundle_dir} -> {device.serial}:{remote_bundle}")
+    try:
+        stats = push_bundle(device, bundle_dir, remote_bundle, progress=push_progress)
+        device.mkdir(run_dir)
+        tok_path = bundle_dir / "tokenizer.json"
+        if not tok_path.is_file():
+            raise DeviceError(f"{bundle_dir}: the bundle has no tokenizer.json to tokenize the scripted prompts")
+        tokenizer = Tokenizer.from_file(str(tok_path))
+        ref_dir = reference or (bundle_dir if manifest.target == "host" else None)
+        results = []
+        for spec in prompts:
+            prompt = tokenize_prompt(spec, tokenizer, manifest.context_window)
+            entry: dict[str, Any] = {**prompt.to_dict(), "description": spec.description, "warmup": [], "runs": []}
+            for i in range(warmup + runs):
+                kind = "warmup" if i < warmup else "runs"
+                event("run", f"{spec.name} {kind} {i + 1 - (warmup if kind == 'runs' else 0)}")
+                rec = run_once(device, runner, remote_bundle, run_dir, prompt, threads, touch_kv, timeout)
+                entry[kind].append(rec)
+                if rec.get("killed"):
+                    break  # the next run would be killed the same way; the report needs one
+                if cooldown_s and i + 1 < warmup + runs:
+                    time.sleep(cooldown_s)
+            entry["summary"] = _run_summary(entry["runs"] or entry["warmup"])
+            entry["reference"] = _reference(ref_dir, prompt, threads) if ref_dir else None
+            results.append(entry)
+            if any(r.get("killed") for r in entry["warmup"] + entry["runs"]):
+                break
+    finally:
+        if not keep:
+            device.remove(run_dir)
+            device.remove(remote_bundle)
+    return {"bundle": str(bundle_dir), "model": bundle_dir.resolve().name, "manifest": _manifest_fields(manifest),
+            "runner": runner.to_dict(), "push": stats.to_dict(), "prompts": results, "threads": threads,
+            "touch_kv": touch_kv, "runs": runs, "warmup": warmup}
+
+
+def _run_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    ok = [r for r in runs if not r.get("error")]
+    keys = ("load_s", "ttft_s", "prefill_tok_s", "decode_tok_s", "peak_rss_bytes")
+    return {k: _summary([float(r[k]) for r in ok if k in r]) for k in keys}
+
+
+def _reference(ref_dir: Path, prompt: TokenizedPrompt, threads: int | None) -> dict[str, Any]:
+    r = run_local(ref_dir, prompt.token_ids, prompt.max_new_tokens, threads=threads)
+    return {"bundle": str(ref_dir), "token_ids": r.get("token_ids"), "error": r.get("error")}
+
+
+def _manifest_fields(m: Manifest) -> dict[str, Any]:
+    return {"architecture": m.architecture, "family": m.family, "parameters": m.parameters, "dtype": m.dtype,
+            "target": m.target, "context_window": m.context_window, "prefill_chunk": m.prefill_chunk,
+            "weights_bytes": m.weights_bytes, "config": m.config, "rules": m.rules}
