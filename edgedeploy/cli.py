@@ -247,6 +247,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     rc = max(rc, main(["build", str(model), "--out", str(bundle), "--context", "256", "--prefill-chunk", "64"]))
     console.rule("[bold]5. edgedeploy run --prompt 'hello'")
     rc = max(rc, main(["run", str(bundle), "--prompt", "hello", "--max-new-tokens", "16"]))
+    console.rule("[bold]6. edgedeploy profile --device tcp:127.0.0.1:PORT (virtual reference phone)")
+    from edgedeploy.devices.virtual_phone_process import VirtualPhoneProcess
+
+    with VirtualPhoneProcess(out / "phone", profile="reference-12gb") as phone:
+        console.print(f"virtual phone listening on 127.0.0.1:{phone.port} (sandbox {phone.sandbox})")
+        rc = max(rc, main(["profile", str(bundle), "--device", f"tcp:127.0.0.1:{phone.port}",
+                           "--runs", "2", "--out", str(out / "report")]))
     return rc
 
 

@@ -17,6 +17,7 @@ from edgedeploy.devices.base import ByteProgress, ConnectionLost, Device, Device
 DEFAULT_SERVER = ("127.0.0.1", 5037)
 #: adb-shell speaks only shell v1, which loses the exit code; this marker carries it on the last line.
 _RC_MARKER = "__edgedeploy_rc="
+_SYNC_DATA_MAX = 64 * 1024
 
 
 class _CountingReader(io.RawIOBase):
@@ -36,7 +37,9 @@ class _CountingReader(io.RawIOBase):
         return n or 0
 
     def read(self, size: int = -1) -> bytes:
-        data = self._f.read(size)
+        # adbutils asks for 4 KiB at a time and sends one DATA packet per read; a sync DATA packet may
+        # carry 64 KiB, and 16x fewer packets is most of the throughput on a fast link.
+        data = self._f.read(max(size, _SYNC_DATA_MAX) if size >= 0 else size)
         self.sent += len(data)
         if self._progress and data:
             self._progress(self.sent)
@@ -188,7 +191,11 @@ class AdbTcpDevice(Device):
         return ShellResult(int(code) if code.isdigit() else 255, head[:-1] if head.endswith("\n") else head)
 
     def push(self, local: Path, remote: str, progress: ByteProgress | None = None) -> None:
-        def cb(_path: str, sent: int, _total: int) -> None:
+        sent = 0
+
+        def cb(_path: str, chunk: int, _total: int) -> None:
+            nonlocal sent
+            sent += chunk  # adb-shell reports each chunk's size, not the running total
             if progress:
                 progress(sent)
 

@@ -16,8 +16,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from edgedeploy.bundle import MANIFEST, read_manifest, sha256_file, verify_bundle
+from edgedeploy.bundle import MANIFEST, read_manifest, sha256_file
 from edgedeploy.devices.base import ConnectionLost, Device, DeviceError
+from edgedeploy.errors import InputError
 
 STATE_FILE = ".edgedeploy-pushed.json"
 #: Called as (bytes_sent_so_far, bytes_to_send).
@@ -65,7 +66,13 @@ def _save_state(device: Device, remote_dir: str, state: dict[str, str]) -> None:
 def push_bundle(device: Device, bundle_dir: Path, remote_dir: str, progress: PushProgress | None = None,
                 retries: int = 3) -> PushStats:
     """Make ``remote_dir`` on ``device`` an exact, verified copy of the local bundle."""
-    manifest = verify_bundle(bundle_dir, read_manifest(bundle_dir))
+    manifest = read_manifest(bundle_dir)
+    # No local re-hash: the device checks every file against the manifest's sha256, which also catches
+    # a bundle altered on the host.
+    for rel, meta in manifest.files.items():
+        path = bundle_dir / rel
+        if not path.is_file() or path.stat().st_size != meta["bytes"]:
+            raise InputError(f"{bundle_dir}: file {rel} is missing or has the wrong size")
     wanted = {rel: meta["sha256"] for rel, meta in manifest.files.items()}
     wanted[MANIFEST] = sha256_file(bundle_dir / MANIFEST)
     sizes = {rel: (bundle_dir / rel).stat().st_size for rel in wanted}

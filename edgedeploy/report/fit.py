@@ -61,7 +61,10 @@ def evaluate(model: dict[str, Any], profile: DeviceProfile) -> dict[str, Any]:
 
     budget = est.budget_bytes
     if killed:
-        checks.append(_check("memory-fit", FAIL, f"killed for memory at {_mib(measured)} (budget {_mib(budget)})"))
+        below = (" — below the profile's budget: this device allows less than the profile says"
+                 if measured is not None and measured < budget else "")
+        checks.append(_check("memory-fit", FAIL, f"killed for memory at {_mib(measured)} "
+                             f"(profile budget {_mib(budget)}){below}"))
     elif measured is None:
         checks.append(_check("memory-fit", FAIL, "no peak memory was measured"))
     elif measured > budget:
@@ -75,7 +78,7 @@ def evaluate(model: dict[str, Any], profile: DeviceProfile) -> dict[str, Any]:
     model.update(
         estimate=est.to_dict(), measured_peak_bytes=measured,
         peak_error_pct=(100.0 * (est.peak_bytes - measured) / measured) if measured else None,
-        budget_bytes=budget, headroom_bytes=(budget - measured) if measured is not None else None,
+        budget_bytes=budget, headroom_bytes=(budget - measured) if measured is not None and not killed else None,
         checks=checks, verdict=FAIL if failed else PASS,
         reasons=[f"{c['name']}: {c['message']}" for c in failed] or ["all checks passed"],
     )

@@ -99,22 +99,30 @@ def print_run(console: Console, text: str | None, result: dict) -> None:
     console.print(t)
 
 
+def _med(summary: dict, key: str, fmt: str = "{:,.1f}") -> str:
+    v = summary.get(key) or {}
+    return f"{fmt.format(v['median'])} ± {fmt.format(v['stdev'])}" if v else "n/a"
+
+
 def print_fit(console: Console, results: dict) -> None:
-    """One row per model: verdict, peaks, budget, speed, and the first failing reason."""
+    """A memory table (one row per model), then each model's reasons and per-prompt speed."""
     t = Table(title=f"fit report on {results['profile']['name']} ({results['device'].get('serial', '')}): "
                     f"{status_text(results['verdict'])}", title_justify="left")
-    for col in ("model", "verdict", "predicted", "measured peak", "budget", "TTFT s", "prefill tok/s",
-                "decode tok/s", "reason"):
-        t.add_column(col)
+    for col in ("model", "verdict", "predicted", "measured peak", "budget", "headroom"):
+        t.add_column(col, justify="left" if col in ("model", "verdict") else "right")
     for m in results["models"]:
-        first = m["prompts"][0]["summary"] if m.get("prompts") else {}
-
-        def med(key: str, fmt: str = "{:,.1f}", s: dict = first) -> str:
-            v = s.get(key) or {}
-            return f"{fmt.format(v['median'])} ± {fmt.format(v['stdev'])}" if v else "n/a"
-
-        measured = m.get("measured_peak_bytes")
+        measured, headroom = m.get("measured_peak_bytes"), m.get("headroom_bytes")
         t.add_row(m["model"], status_text(m.get("verdict", "?")), _mb(m["estimate"]["peak_bytes"]),
-                  _mb(measured) if measured else "n/a", _mb(m["budget_bytes"]), med("ttft_s", "{:.3f}"),
-                  med("prefill_tok_s"), med("decode_tok_s"), "; ".join(m.get("reasons", [])))
+                  _mb(measured) if measured else "n/a", _mb(m["budget_bytes"]),
+                  _mb(headroom) if headroom is not None else "n/a")
     console.print(t)
+    for m in results["models"]:
+        console.print(f"[bold]{m['model']}[/]: " + "; ".join(m.get("reasons", [])), highlight=False)
+        p = Table(show_header=True, box=None, padding=(0, 2))
+        for col in ("prompt", "tokens", "TTFT s", "prefill tok/s", "decode tok/s"):
+            p.add_column(col, justify="left" if col == "prompt" else "right")
+        for prompt in m.get("prompts", []):
+            s = prompt["summary"]
+            p.add_row(prompt["name"], str(prompt["prompt_tokens"]), _med(s, "ttft_s", "{:.3f}"),
+                      _med(s, "prefill_tok_s"), _med(s, "decode_tok_s"))
+        console.print(p)
