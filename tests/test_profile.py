@@ -117,7 +117,8 @@ def test_unreachable_and_unauthorized_devices(host_bundle: Path, tmp_path: Path,
 def test_dropped_connection_resumes_and_next_push_sends_nothing(host_bundle: Path, tmp_path: Path) -> None:
     phone = Phone(tmp_path / "sandbox", "--drop-after-bytes", "400000")
     try:
-        dev = AdbTcpDevice(f"127.0.0.1:{phone.port}")
+        # A short read timeout: adb-shell notices a cut connection only when a read times out.
+        dev = AdbTcpDevice(f"127.0.0.1:{phone.port}", timeout=3)
         first = push_bundle(dev, host_bundle, "/data/local/tmp/edgedeploy/bundles/b")
         assert first.retries >= 1 and first.verified_on_device
         manifest = json.loads((host_bundle / "bundle.json").read_text())
