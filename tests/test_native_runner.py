@@ -27,23 +27,33 @@ PROMPT = [1, 5, 9, 33, 100, 7, *range(8, 42)]
 MAX_NEW = 12
 
 
+#: Built once per session even when test_jni.py imports these fixtures (pytest then holds two
+#: definitions of each; conftest.py is not this file's to extend).
+_SESSION: dict[str, object] = {}
+
+
 @pytest.fixture(scope="session")
 def host_runner_build(tmp_path_factory: pytest.TempPathFactory) -> native.RunnerBuild:
     """The runner and, when a JDK is there, the JNI bridge, built once for the host."""
-    jni = shutil.which("javac") is not None
-    return native.build_host_runner(tmp_path_factory.mktemp("native-host"), jni=jni)
+    if "runner" not in _SESSION:
+        jni = shutil.which("javac") is not None
+        _SESSION["runner"] = native.build_host_runner(tmp_path_factory.mktemp("native-host"), jni=jni)
+    return _SESSION["runner"]  # type: ignore[return-value]
 
 
 @pytest.fixture(scope="session")
 def family_bundles(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from edgedeploy.compile.build import build_bundle
+    """A host bundle of every family (context 128, prefill chunk 32)."""
+    if "bundles" not in _SESSION:
+        from edgedeploy.compile.build import build_bundle
 
-    root = tmp_path_factory.mktemp("native-bundles")
-    out = {}
-    for fam in FAMILIES:
-        out[fam] = root / fam
-        build_bundle(tiny_models[fam], out[fam], target="host", context_window=CONTEXT, prefill_chunk=CHUNK)
-    return out
+        root = tmp_path_factory.mktemp("native-bundles")
+        out = {}
+        for fam in FAMILIES:
+            out[fam] = root / fam
+            build_bundle(tiny_models[fam], out[fam], target="host", context_window=CONTEXT, prefill_chunk=CHUNK)
+        _SESSION["bundles"] = out
+    return _SESSION["bundles"]  # type: ignore[return-value]
 
 
 def write_prompt(path: Path, ids: list[int], **extra: object) -> Path:
