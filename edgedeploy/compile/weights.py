@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from edgedeploy.checkpoint.config import ModelConfig
+from edgedeploy.checkpoint.safetensors_index import read_checkpoint_tensors
 from edgedeploy.errors import InputError
 
 #: Bytes per shard file; a larger tensor gets a shard of its own.
@@ -43,63 +43,37 @@ def pread_exact(fd: int, buf: memoryview, offset: int) -> None:
 
 
 class SafetensorsReader:
-    """Reads single tensors from one or more safetensors files by name with ``os.pread`` (no mmap)."""
+    """Reads single tensors from one or more safetensors files by name with ``os.pread`` (no mmap).
+
+    Tensor locations come from the intake's validated header index, so a truncated or lying header is
+    rejected before any offset is trusted.
+    """
 
     def __init__(self, model_dir: Path):
         self.model_dir = Path(model_dir)
-        index = self.model_dir / "model.safetensors.index.json"
-        if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        elif (self.model_dir / "model.safetensors").is_file():
-            files = ["model.safetensors"]
-        else:
-            files = sorted(p.name for p in self.model_dir.glob("*.safetensors"))
-        if not files:
+        self._where = read_checkpoint_tensors(self.model_dir)
+        if not self._where:
             raise InputError(f"{self.model_dir}: no safetensors weights found")
-        self._where: dict[str, tuple[str, dict[str, Any], int]] = {}
-        for f in files:
-            path = self.model_dir / f
-            if not path.is_file():
-                raise InputError(f"{path}: listed in the shard index but missing")
-            with open(path, "rb") as fh:
-                head = fh.read(8)
-                if len(head) != 8:
-                    raise InputError(f"{path}: truncated safetensors header")
-                (n,) = struct.unpack("<Q", head)
-                try:
-                    header = json.loads(fh.read(n))
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    raise InputError(f"{path}: malformed safetensors header ({e})") from None
-            for name, info in header.items():
-                if name != "__metadata__":
-                    self._where[name] = (str(path), info, 8 + n)
-        self._fds: dict[str, int] = {}
+        self._fds: dict[Path, int] = {}
 
     def names(self) -> list[str]:
         return list(self._where)
 
     def read(self, name: str) -> np.ndarray:
         """The tensor ``name`` as float16 (BF16 is widened to float32 first) or its stored float dtype."""
-        if name not in self._where:
+        info = self._where.get(name)
+        if info is None:
             raise InputError(f"{self.model_dir}: checkpoint lacks tensor {name!r}")
-        path, info, base = self._where[name]
-        kind = info["dtype"]
-        if kind not in _ST_DTYPES:
-            raise InputError(f"{path}: tensor {name!r} has unsupported dtype {kind}")
-        np_dtype, size = _ST_DTYPES[kind]
-        start, end = info["data_offsets"]
-        shape = tuple(int(d) for d in info["shape"])
-        count = int(np.prod(shape, dtype=np.int64))
-        if end - start != count * size:
-            raise InputError(f"{path}: tensor {name!r} byte size does not match its shape")
-        fd = self._fds.get(path)
+        if info.dtype not in _ST_DTYPES:
+            raise InputError(f"{info.file}: tensor {name!r} has unsupported dtype {info.dtype}")
+        fd = self._fds.get(info.file)
         if fd is None:
-            fd = self._fds[path] = os.open(path, os.O_RDONLY)
-        arr = np.empty(count, dtype=np_dtype)
-        pread_exact(fd, memoryview(arr).cast("B"), base + start)
-        if kind == "BF16":
+            fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+        arr = np.empty(info.numel, dtype=_ST_DTYPES[info.dtype][0])
+        pread_exact(fd, memoryview(arr).cast("B"), info.start)
+        if info.dtype == "BF16":
             arr = (arr.astype(np.uint32) << 16).view(np.float32)
-        return arr.reshape(shape)
+        return arr.reshape(info.shape)
 
     def close(self) -> None:
         for fd in self._fds.values():
