@@ -29,8 +29,10 @@ Device model and its limits:
 * Props: ``ro.product.cpu.abi`` (and ``ro.product.cpu.abilist``) default to ``abi``, else the host's ABI in
   Android names (x86_64 -> ``x86_64``, aarch64 -> ``arm64-v8a``); ``ro.edgedeploy.python`` is the daemon's
   ``sys.executable`` (a host python that can run ``-m edgedeploy.runtime.runner``); ``ro.edgedeploy.virtual``
-  is ``1``. ``props`` override all of them. A foreign ``abi`` (``arm64-v8a`` on an x86_64 host) is only
-  recorded: commands still run natively on the host.
+  is ``1``. ``props`` override all of them. With ``abi`` ``arm64-v8a`` on an x86_64 host the phone also
+  sets ``ro.edgedeploy.exec_wrapper`` to ``qemu-aarch64 -L /usr/aarch64-linux-gnu``: there is no
+  binfmt_misc in a container, so a client runs a pushed aarch64 program by putting that wrapper in front
+  (the profiler does); shell commands themselves still run natively on the host.
 
 Faults and limits (for testing what a client does when a phone misbehaves):
 
@@ -112,6 +114,7 @@ DEFAULT_PROPS = {
     "ro.build.version.sdk": "34",
     "ro.edgedeploy.virtual": "1",
 }
+AARCH64_SYSROOT = "/usr/aarch64-linux-gnu"
 # platform.machine() names to Android ABI names (what ro.product.cpu.abi holds on a phone).
 HOST_ABIS = {
     "x86_64": "x86_64",
@@ -440,8 +443,11 @@ class VirtualPhone:
         self.props["ro.edgedeploy.python"] = sys.executable
         self.props.update({str(k): str(v) for k, v in (props or {}).items()})
         self.props.setdefault("ro.product.cpu.abilist", self.props["ro.product.cpu.abi"])
-        # Recorded only: binaries still run natively even when this names another architecture.
         self.abi = self.props["ro.product.cpu.abi"]
+        if self.abi == "arm64-v8a" and host_abi != "arm64-v8a":
+            # No binfmt_misc in a container, so aarch64 programs cannot run by name: the phone says how
+            # to start them (qemu-user over Debian's aarch64 glibc), and the profiler puts that in front.
+            self.props.setdefault("ro.edgedeploy.exec_wrapper", f"qemu-aarch64 -L {AARCH64_SYSROOT}")
         self._send_bytes = 0  # SEND DATA bytes received over the daemon's lifetime (drives drop_after_bytes)
         self._dropped = False
         self._server: asyncio.Server | None = None

@@ -63,19 +63,41 @@ def _save_state(device: Device, remote_dir: str, state: dict[str, str]) -> None:
         device.push(local, posixpath.join(remote_dir, STATE_FILE))
 
 
+@dataclass(frozen=True)
+class LocalFile:
+    """A file to push: where it is here, and what it must hash to on the device."""
+
+    path: Path
+    sha256: str
+    size: int
+
+
+def local_files(paths: dict[str, Path]) -> dict[str, LocalFile]:
+    """Hash local files for :func:`push_files` (device-relative name -> file)."""
+    return {rel: LocalFile(p, sha256_file(p), p.stat().st_size) for rel, p in paths.items()}
+
+
 def push_bundle(device: Device, bundle_dir: Path, remote_dir: str, progress: PushProgress | None = None,
-                retries: int = 3) -> PushStats:
-    """Make ``remote_dir`` on ``device`` an exact, verified copy of the local bundle."""
+                retries: int = 3, extra: dict[str, Path] | None = None) -> PushStats:
+    """Make ``remote_dir`` on ``device`` an exact, verified copy of the local bundle (plus ``extra`` files)."""
     manifest = read_manifest(bundle_dir)
     # No local re-hash: the device checks every file against the manifest's sha256, which also catches
     # a bundle altered on the host.
+    files: dict[str, LocalFile] = {}
     for rel, meta in manifest.files.items():
         path = bundle_dir / rel
         if not path.is_file() or path.stat().st_size != meta["bytes"]:
             raise InputError(f"{bundle_dir}: file {rel} is missing or has the wrong size")
-    wanted = {rel: meta["sha256"] for rel, meta in manifest.files.items()}
-    wanted[MANIFEST] = sha256_file(bundle_dir / MANIFEST)
-    sizes = {rel: (bundle_dir / rel).stat().st_size for rel in wanted}
+        files[rel] = LocalFile(path, meta["sha256"], meta["bytes"])
+    files.update(local_files({MANIFEST: bundle_dir / MANIFEST, **(extra or {})}))
+    return push_files(device, files, remote_dir, progress, retries)
+
+
+def push_files(device: Device, files: dict[str, LocalFile], remote_dir: str, progress: PushProgress | None = None,
+               retries: int = 3) -> PushStats:
+    """Push what differs from the device's record in ``remote_dir``, verify each file there, record it."""
+    wanted = {rel: f.sha256 for rel, f in files.items()}
+    sizes = {rel: f.size for rel, f in files.items()}
 
     t0 = time.perf_counter()
     attempts = 0
@@ -113,7 +135,7 @@ def push_bundle(device: Device, bundle_dir: Path, remote_dir: str, progress: Pus
             part = remote + ".part"
             # `done` is read when called: bytes of the files before this one plus this file's so far.
             on_bytes = (lambda n: progress(done + n, total)) if progress else None  # noqa: B023
-            device.push(bundle_dir / rel, part, on_bytes)
+            device.push(files[rel].path, part, on_bytes)
             got = device.sha256(part)
             if got is None:
                 verified = False  # no sha256sum on this device: fall back to the size check
