@@ -206,6 +206,8 @@ def test_aarch64_native_under_qemu_matches_host(tiny_models: dict[str, Path], fa
     assert so == bundle / "model.so"
     assert so.read_bytes()[:4] == b"\x7fELF" and so.read_bytes()[18] == 183  # e_machine EM_AARCH64
     prompt = write_prompt(tmp_path / "p.json", PROMPT, max_new_tokens=MAX_NEW, stop_token_ids=[])
+    argv = native.runner_command(aarch64_runner_build.runner, bundle, prompt, max_new_tokens=MAX_NEW, threads=2)
+    assert argv[1:] == [str(bundle), "--prompt-file", str(prompt), "--max-new-tokens", str(MAX_NEW), "--threads", "2"]
     arm = run_native(native.qemu_command([str(aarch64_runner_build.runner)]), bundle, prompt)
     host = run_native([str(host_runner_build.runner)], family_bundles["llama"], prompt)
     assert arm["exit_code"] == 0, arm
