@@ -9,7 +9,9 @@ from tvm import relax
 def _cpu_passes(target: tvm.target.Target) -> list:
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
-    return (cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
+    from edgedeploy.compile.schedules import schedule_cpu_matmuls
+
+    return (cpu.library_dispatch_passes(target) + cpu.legalize_passes(target) + [schedule_cpu_matmuls]
             + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))
 
 

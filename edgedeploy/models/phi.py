@@ -13,7 +13,7 @@ from tvm.target import Target
 
 from edgedeploy.checkpoint.config import ModelConfig
 from edgedeploy.errors import InputError
-from edgedeploy.models._common import CausalLMBase, WeightSource, check_dtype, fused, single
+from edgedeploy.models._common import CausalLMBase, Linear, WeightSource, check_dtype, fused, project, single
 from edgedeploy.models.llama import _act
 
 
@@ -21,8 +21,8 @@ class PhiAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int, dtype: str):
         self.cfg, self.layer_id = cfg, layer_id
         qkv_out = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, qkv_out, bias=cfg.qkv_bias, dtype=dtype)
-        self.dense = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias, dtype=dtype)
+        self.qkv_proj = Linear(cfg.hidden_size, qkv_out, bias=cfg.qkv_bias, dtype=dtype)
+        self.dense = Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias, dtype=dtype)
 
     def forward(self, x: nn.Tensor, cache: PagedKVCache) -> nn.Tensor:
         c = self.cfg
@@ -35,8 +35,8 @@ class PhiAttention(nn.Module):
 class PhiMLP(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: str):
         self.act = cfg.hidden_act
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias, dtype=dtype)
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias, dtype=dtype)
+        self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias, dtype=dtype)
+        self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias, dtype=dtype)
 
     def forward(self, x: nn.Tensor) -> nn.Tensor:
         return self.fc2(_act(self.act, self.fc1(x)))
@@ -69,7 +69,8 @@ class PhiForCausalLM(CausalLMBase):
         self.cfg, self.dtype, self.target = cfg, check_dtype(dtype), target
         self.model = PhiModel(cfg, dtype)
         if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias, dtype=dtype)
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias, dtype=dtype,
+                                  out_dtype="float32")
 
     def embed(self, input_ids: nn.Tensor) -> nn.Tensor:
         return self.model.embed_tokens(input_ids)
@@ -81,7 +82,7 @@ class PhiForCausalLM(CausalLMBase):
 
     def head(self, hidden: nn.Tensor) -> nn.Tensor:
         if self.cfg.tie_word_embeddings:
-            return nn.op.matmul(hidden, nn.op.permute_dims(self.model.embed_tokens.weight))
+            return project(hidden, self.model.embed_tokens.weight, None, "float32")
         return self.lm_head(hidden)
 
 
