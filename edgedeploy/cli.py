@@ -180,7 +180,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
                                  push_progress=push_progress, event=event, runs=args.runs, warmup=args.warmup,
                                  cooldown_s=args.cooldown, threads=args.threads, touch_kv=not args.no_touch_kv,
                                  keep=args.keep, reference=Path(args.reference) if args.reference else None,
-                                 timeout=args.timeout)
+                                 timeout=args.timeout, runner=args.runner,
+                                 runner_dir=Path(args.runner_dir) if args.runner_dir else None,
+                                 ndk=Path(args.ndk) if args.ndk else None)
     out = Path(args.out) if args.out else Path("reports") / time.strftime("%Y%m%d-%H%M%S")
     paths = write_reports(results, out)
     if args.json:
@@ -315,6 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reference", help="host bundle whose tokens the device must reproduce "
                    "(default: the bundle itself when it is a host build)")
     s.add_argument("--timeout", type=float, default=900.0, help="seconds allowed per run")
+    s.add_argument("--runner", choices=("auto", "python", "native"), default="auto",
+                   help="runner kind (auto: Python runner for host bundles, native runner for aarch64 ones)")
+    s.add_argument("--runner-dir", help="prebuilt Android native runner (from `edgedeploy package`)")
+    s.add_argument("--ndk", help="Android NDK, to link an Android bundle's model.tar for the phone")
     s.add_argument("--keep", action="store_true", help="leave the pushed files on the device")
     s.add_argument("--out", help="report folder (default: reports/TIMESTAMP)")
     s.add_argument("--json", action="store_true", help="print results.json")

@@ -17,14 +17,14 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edgedeploy.bundle import Manifest, read_manifest
-from edgedeploy.devices.base import Device, DeviceError, DeviceFacts
+from edgedeploy.devices.base import Device, DeviceError
 from edgedeploy.profile.prompts import PromptSpec, TokenizedPrompt, tokenize_prompt
-from edgedeploy.profile.push import PushProgress, push_bundle
+from edgedeploy.profile.push import PushProgress, local_files, push_bundle, push_files
+from edgedeploy.profile.runners import RunnerSpec, select_runner
 from edgedeploy.runtime.launch import parse_result, run_local
 
 KILLED = 137
@@ -35,28 +35,6 @@ Event = Callable[[str, str], None]
 
 def _no_event(what: str, detail: str) -> None:
     pass
-
-
-@dataclass
-class RunnerSpec:
-    """How to start the runner on a device; the Android issue adds the native runner here."""
-
-    kind: str
-    argv: list[str]
-    abi: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "abi": self.abi}
-
-
-def select_runner(facts: DeviceFacts) -> RunnerSpec:
-    """The runner matching the device: the host Python runner where the device can run it."""
-    python = facts.props.get("ro.edgedeploy.python")
-    if python:
-        return RunnerSpec("python", ["env", "TVM_USE_RUNTIME_LIB=1", python, "-m", "edgedeploy.runtime.runner"],
-                          facts.abi)
-    raise DeviceError(f"{facts.serial}: no runner for this device (ABI {facts.abi or 'unknown'}): the native "
-                      "Android runner from android_template/ is needed for a real phone")
 
 
 def _summary(values: list[float]) -> dict[str, float]:
@@ -80,9 +58,9 @@ def lmkd_kill(logcat: str, pid: int | None) -> dict[str, Any] | None:
     return found
 
 
-def _runner_script(runner: RunnerSpec, run_dir: str, bundle: str, prompt: str, threads: int | None,
-                   touch_kv: bool) -> str:
-    args = [*runner.argv, bundle, "--prompt-file", prompt, "--no-verify"]
+def _runner_script(runner: RunnerSpec, runner_dir: str, run_dir: str, bundle: str, prompt: str,
+                   threads: int | None, touch_kv: bool) -> str:
+    args = [*runner.command(runner_dir), bundle, "--prompt-file", prompt, "--no-verify"]
     if threads:
         args += ["--threads", str(threads)]
     if touch_kv:
@@ -118,8 +96,8 @@ def _parse_samples(stdout: str) -> tuple[int | None, list[dict[str, float]], int
     return pid, timeline, rc
 
 
-def run_once(device: Device, runner: RunnerSpec, remote_bundle: str, run_dir: str, prompt: TokenizedPrompt,
-             threads: int | None, touch_kv: bool, timeout: float) -> dict[str, Any]:
+def run_once(device: Device, runner: RunnerSpec, runner_dir: str, remote_bundle: str, run_dir: str,
+             prompt: TokenizedPrompt, threads: int | None, touch_kv: bool, timeout: float) -> dict[str, Any]:
     """One runner process on the device; returns its result line plus exit code, timeline and kill info."""
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "prompt.json"
@@ -128,8 +106,8 @@ def run_once(device: Device, runner: RunnerSpec, remote_bundle: str, run_dir: st
         device.push(local, remote_prompt)
     device.run_args(["rm", "-f", posixpath.join(run_dir, "result.json"), posixpath.join(run_dir, "stderr.txt")])
     t0 = time.perf_counter()
-    shell = device.shell(_runner_script(runner, run_dir, remote_bundle, remote_prompt, threads, touch_kv),
-                         timeout=timeout)
+    shell = device.shell(_runner_script(runner, runner_dir, run_dir, remote_bundle, remote_prompt, threads,
+                                        touch_kv), timeout=timeout)
     wall = time.perf_counter() - t0
     pid, timeline, rc = _parse_samples(shell.stdout)
     if rc is None:
@@ -157,23 +135,31 @@ def run_once(device: Device, runner: RunnerSpec, remote_bundle: str, run_dir: st
 def profile_bundle(device: Device, bundle_dir: Path, prompts: list[PromptSpec], runs: int = 3, warmup: int = 1,
                    cooldown_s: float = 0.0, threads: int | None = None, touch_kv: bool = True, keep: bool = False,
                    reference: Path | None = None, timeout: float = 900.0, push_progress: PushProgress | None = None,
-                   event: Event = _no_event) -> dict[str, Any]:
+                   event: Event = _no_event, runner: str = "auto", runner_dir: Path | None = None,
+                   ndk: Path | None = None) -> dict[str, Any]:
     """Push ``bundle_dir``, run every prompt ``warmup`` + ``runs`` times, return the raw measurements.
 
     ``reference`` is a host bundle of the same model whose tokens the device must reproduce (default:
     the bundle itself when it is a host build). Files and processes started on the device are removed
-    at the end unless ``keep``.
+    at the end unless ``keep``. ``runner`` is ``auto``, ``python`` or ``native``; ``runner_dir`` and ``ndk``
+    are for Android bundles (see :mod:`edgedeploy.profile.runners`).
     """
     from tokenizers import Tokenizer
 
     manifest: Manifest = read_manifest(bundle_dir)
     facts = device.facts()
-    runner = select_runner(facts)
+    link_tmp = tempfile.TemporaryDirectory(prefix="edgedeploy-link-")
+    runner_spec = select_runner(facts, manifest, bundle_dir, runner, runner_dir, ndk, Path(link_tmp.name))
     remote_bundle = posixpath.join(device.work_dir, "bundles", bundle_dir.resolve().name)
+    remote_runner = posixpath.join(device.work_dir, "runners", runner_spec.abi)
     run_dir = posixpath.join(device.work_dir, "runs", uuid.uuid4().hex[:12])
     event("push", f"{bundle_dir} -> {device.serial}:{remote_bundle}")
     try:
-        stats = push_bundle(device, bundle_dir, remote_bundle, progress=push_progress)
+        stats = push_bundle(device, bundle_dir, remote_bundle, progress=push_progress, extra=runner_spec.bundle_extra)
+        if runner_spec.files:
+            event("push", f"{runner_spec.kind} runner ({runner_spec.elf_machine}) -> {device.serial}:{remote_runner}")
+            push_files(device, local_files(runner_spec.files), remote_runner)
+            device.run_args(["chmod", "755", *(posixpath.join(remote_runner, n) for n in runner_spec.files)])
         device.mkdir(run_dir)
         tok_path = bundle_dir / "tokenizer.json"
         if not tok_path.is_file():
@@ -187,7 +173,8 @@ def profile_bundle(device: Device, bundle_dir: Path, prompts: list[PromptSpec], 
             for i in range(warmup + runs):
                 kind = "warmup" if i < warmup else "runs"
                 event("run", f"{spec.name} {kind} {i + 1 - (warmup if kind == 'runs' else 0)}")
-                rec = run_once(device, runner, remote_bundle, run_dir, prompt, threads, touch_kv, timeout)
+                rec = run_once(device, runner_spec, remote_runner, remote_bundle, run_dir, prompt, threads, touch_kv,
+                               timeout)
                 entry[kind].append(rec)
                 if rec.get("killed"):
                     break  # the next run would be killed the same way; the report needs one
@@ -199,11 +186,14 @@ def profile_bundle(device: Device, bundle_dir: Path, prompts: list[PromptSpec], 
             if any(r.get("killed") for r in entry["warmup"] + entry["runs"]):
                 break
     finally:
+        link_tmp.cleanup()
         if not keep:
             device.remove(run_dir)
             device.remove(remote_bundle)
+            if runner_spec.files:
+                device.remove(remote_runner)
     return {"bundle": str(bundle_dir), "model": bundle_dir.resolve().name, "manifest": _manifest_fields(manifest),
-            "runner": runner.to_dict(), "push": stats.to_dict(), "prompts": results, "threads": threads,
+            "runner": runner_spec.to_dict(), "push": stats.to_dict(), "prompts": results, "threads": threads,
             "touch_kv": touch_kv, "runs": runs, "warmup": warmup}
 
 

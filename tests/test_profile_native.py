@@ -1,0 +1,81 @@
+"""Profiling with the native runner: the aarch64 build on a virtual arm64 phone (qemu-user), the host
+build on a virtual phone of this host's ABI, and the refusals when bundle target and device disagree."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from edgedeploy.cli import main
+from edgedeploy.compile.build import build_bundle
+
+from .test_native_runner import _aarch64_tools_missing
+from .test_virtual_phone import Phone
+
+FAST = ["--prompts", "chat-short", "--runs", "1", "--warmup", "0"]
+
+
+@pytest.fixture(scope="module")
+def aarch64_bundle(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    why = _aarch64_tools_missing()
+    if why:
+        pytest.skip(why)
+    out = tmp_path_factory.mktemp("arm") / "llama-aarch64"
+    # Same model, context and chunk as the host_bundle fixture: its tokens are the reference.
+    build_bundle(tiny_models["llama"], out, target="linux-aarch64", context_window=128, prefill_chunk=32)
+    return out
+
+
+def test_aarch64_runner_on_arm64_virtual_phone(aarch64_bundle: Path, host_bundle: Path, tmp_path: Path,
+                                               capsys) -> None:
+    phone = Phone(tmp_path / "sandbox", "--abi", "arm64-v8a")
+    try:
+        rc = main(["profile", str(aarch64_bundle), "--device", f"tcp:127.0.0.1:{phone.port}",
+                   "--reference", str(host_bundle), "--out", str(tmp_path / "r"), *FAST])
+        leftovers = [p for p in (phone.tmp / "edgedeploy").rglob("*") if p.is_file()]
+    finally:
+        phone.stop()
+    assert rc == 0, capsys.readouterr().err
+    model = json.loads((tmp_path / "r" / "results.json").read_text())["models"][0]
+    assert model["verdict"] == "PASS"
+    assert model["runner"] == {"kind": "native", "abi": "arm64-v8a", "elf_machine": "aarch64"}
+    assert model["device"]["abi"] == "arm64-v8a"
+    run = model["prompts"][0]["runs"][0]
+    assert run["runner"] == "native" and run["runner_abi"] == "aarch64" and run["target"] == "linux-aarch64"
+    assert run["token_ids"] == model["prompts"][0]["reference"]["token_ids"]  # identical to the host run
+    assert {c["name"]: c["status"] for c in model["checks"]}["parity"] == "PASS"
+    assert "ELF aarch64" in (tmp_path / "r" / "report.md").read_text()
+    assert leftovers == []  # runner, linked model.so and bundle removed without --keep
+
+
+def test_host_native_runner_on_virtual_phone(host_bundle: Path, tmp_path: Path, capsys) -> None:
+    phone = Phone(tmp_path / "sandbox")
+    try:
+        rc = main(["profile", str(host_bundle), "--device", f"tcp:127.0.0.1:{phone.port}", "--runner", "native",
+                   "--out", str(tmp_path / "r"), *FAST])
+    finally:
+        phone.stop()
+    assert rc == 0, capsys.readouterr().err
+    model = json.loads((tmp_path / "r" / "results.json").read_text())["models"][0]
+    assert model["runner"]["kind"] == "native" and model["runner"]["elf_machine"] == "x86_64"
+    run = model["prompts"][0]["runs"][0]
+    # The native runner carries no Python interpreter: its peak is far below the Python runner's ~80 MiB.
+    assert run["runner"] == "native" and run["peak_rss_bytes"] < 60 * 2**20
+    assert {c["name"]: c["status"] for c in model["checks"]}["parity"] == "PASS"
+
+
+def test_target_and_device_must_match(host_bundle: Path, aarch64_bundle: Path, tmp_path: Path, capsys) -> None:
+    arm = Phone(tmp_path / "arm", "--abi", "arm64-v8a")
+    x86 = Phone(tmp_path / "x86")
+    try:
+        rc = main(["profile", str(host_bundle), "--device", f"tcp:127.0.0.1:{arm.port}", *FAST])
+        err = capsys.readouterr().err
+        assert rc == 2 and "host (x86_64) build and cannot run on this device (ABI arm64-v8a)" in err
+        rc = main(["profile", str(aarch64_bundle), "--device", f"tcp:127.0.0.1:{x86.port}", *FAST])
+        err = capsys.readouterr().err
+        assert rc == 2 and "targets linux-aarch64 (aarch64) but the device's ABI is x86_64" in err
+    finally:
+        arm.stop()
+        x86.stop()
