@@ -231,6 +231,31 @@ def cmd_virtual_phone(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_package(args: argparse.Namespace) -> int:
+    """Build the native runner for a device ABI and gather what must be pushed beside it into --out."""
+    import shutil
+
+    from edgedeploy.runtime import native
+
+    out = Path(args.out)
+    build_dir = out / "build"
+    if args.abi == "android":
+        if not args.ndk or not args.tvm_source:
+            raise EdgeDeployError("--abi android needs --ndk NDK_DIR and --tvm-source TVM_SOURCE_DIR (a TVM source "
+                                  f"tree of the installed version: the wheel does not ship the runtime's full sources"
+                                  f"{' or the OpenCL runtime' if args.opencl else ''})")
+        build = native.build_android_runner(args.ndk, args.tvm_source, build_dir, opencl=args.opencl, jni=args.jni)
+    elif args.abi == "aarch64":
+        build = native.build_aarch64_runner(build_dir, jni=args.jni)
+    else:
+        build = native.build_host_runner(build_dir, jni=args.jni)
+    files = build.files_to_push() + ([build.jni] if build.jni else [])
+    for f in files:
+        shutil.copy2(f, out / f.name)
+    console.print(f"[green]packaged[/] {build.abi} runner in {out}: " + ", ".join(f.name for f in files))
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Make a tiny model and run the whole flow on it, so a new user sees every step work."""
     from edgedeploy.tiny import make_tiny_checkpoint
@@ -341,6 +366,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--abi", help="ro.product.cpu.abi (default: this host's)")
     s.add_argument("--auth-keys", type=Path, help="adb_keys file: require ADB auth with one of these keys")
     s.set_defaults(func=cmd_virtual_phone)
+
+    s = sub.add_parser("package", help="build the native runner for a device ABI (Android needs an NDK)")
+    s.add_argument("--abi", choices=("android", "aarch64", "host"), default="android",
+                   help="android: arm64-v8a with the NDK; aarch64: glibc Linux (cross g++); host: this machine")
+    s.add_argument("--ndk", help="Android NDK folder (r25+)")
+    s.add_argument("--tvm-source", help="TVM source tree of the installed version (Android runtime sources)")
+    s.add_argument("--opencl", action="store_true", help="include the OpenCL runtime (Adreno GPU bundles)")
+    s.add_argument("--jni", action="store_true", help="also build the JNI bridge for the app harness")
+    s.add_argument("--out", required=True, help="folder for the runner and its libraries (give it as --runner-dir)")
+    s.set_defaults(func=cmd_package)
 
     s = sub.add_parser("profiles", help="list device profiles")
     s.add_argument("--json", action="store_true")

@@ -79,3 +79,14 @@ def test_target_and_device_must_match(host_bundle: Path, aarch64_bundle: Path, t
     finally:
         arm.stop()
         x86.stop()
+
+
+def test_package_host_runner_and_android_errors(tmp_path: Path, capsys) -> None:
+    assert main(["package", "--abi", "host", "--out", str(tmp_path / "host")]) == 0
+    names = {p.name for p in (tmp_path / "host").iterdir() if p.is_file()}
+    assert names == {"edgedeploy-runner", "libtvm_runtime.so", "libtvm_ffi.so"}
+    capsys.readouterr()
+    assert main(["package", "--out", str(tmp_path / "a")]) == 2
+    assert "needs --ndk" in capsys.readouterr().err
+    assert main(["package", "--out", str(tmp_path / "a"), "--ndk", str(tmp_path), "--tvm-source", str(tmp_path)]) == 2
+    assert "not an Android NDK" in capsys.readouterr().err
