@@ -6,15 +6,12 @@ Debian ``adb`` server is private (own port, HOME and TMPDIR inside tmp_path) and
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from edgedeploy.devices.virtual_phone import VirtualPhone
+from edgedeploy.devices.virtual_phone_process import VirtualPhoneProcess
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ADB = shutil.which("adb")
@@ -39,30 +37,15 @@ def _free_port() -> int:
             return port
 
 
-class Phone:
-    """A virtual phone subprocess; ``serial`` is what ``adb connect`` takes."""
+class Phone(VirtualPhoneProcess):
+    """A virtual phone subprocess of this checkout; ``serial`` is what ``adb connect`` takes."""
 
     def __init__(self, sandbox: Path, *args: str) -> None:
-        self.sandbox = sandbox
-        env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))  # test this checkout, whatever is pip-installed
-        cmd = [sys.executable, "-m", "edgedeploy.devices.virtual_phone", "--port", "0", "--sandbox", str(sandbox)]
-        self.proc = subprocess.Popen([*cmd, *args], stdout=subprocess.PIPE, text=True, env=env)
-        line = self.proc.stdout.readline()  # type: ignore[union-attr]
-        if "listening on" not in line:
-            self.stop()
-            raise RuntimeError(f"virtual phone did not start: {line!r}")
-        self.port = int(line.rsplit(":", 1)[1])
+        # Test this checkout, whatever is pip-installed.
+        super().__init__(sandbox, *args, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+        self.start()
         self.serial = f"127.0.0.1:{self.port}"
         self.tmp = sandbox / "data/local/tmp"
-
-    def stop(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
 
 
 class AdbServer:

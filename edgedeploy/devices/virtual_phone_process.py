@@ -1,4 +1,4 @@
-"""Start and stop a virtual phone in a child process (demo, benches); the daemon is ``virtual_phone``."""
+"""Start and stop a virtual phone in a child process (demo, tests, benches); the daemon is ``virtual_phone``."""
 
 from __future__ import annotations
 
@@ -11,17 +11,24 @@ from pathlib import Path
 
 
 class VirtualPhoneProcess:
-    """``edgedeploy virtual-phone`` on a free loopback port; stopped by pid when the block ends."""
+    """A virtual phone on a free loopback port, stopped by pid when the ``with`` block ends (or by :meth:`stop`).
 
-    def __init__(self, sandbox: Path, profile: str = "reference-12gb", *extra: str):
+    ``profile`` starts it through ``edgedeploy virtual-phone`` (the profile's props and budget); without
+    one, the bare daemon module runs with ``args`` only. ``env`` replaces the child's environment.
+    """
+
+    def __init__(self, sandbox: Path, *args: str, profile: str | None = None, env: dict[str, str] | None = None):
         self.sandbox = Path(sandbox)
-        self._cmd = [sys.executable, "-m", "edgedeploy.cli", "virtual-phone", "--profile", profile, "--port", "0",
-                     "--sandbox", str(self.sandbox), *extra]
+        entry = (["edgedeploy.cli", "virtual-phone", "--profile", profile] if profile
+                 else ["edgedeploy.devices.virtual_phone"])
+        self._cmd = [sys.executable, "-m", *entry, "--port", "0", "--sandbox", str(self.sandbox), *args]
+        self._env = env
         self.proc: subprocess.Popen[str] | None = None
         self.port = 0
 
-    def __enter__(self) -> VirtualPhoneProcess:
-        self.proc = subprocess.Popen(self._cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    def start(self) -> VirtualPhoneProcess:
+        self.proc = subprocess.Popen(self._cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                     env=self._env)
         line = self.proc.stdout.readline() if self.proc.stdout else ""
         if "listening on" not in line:
             self.stop()
@@ -39,6 +46,9 @@ class VirtualPhoneProcess:
         except subprocess.TimeoutExpired:
             os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
+
+    def __enter__(self) -> VirtualPhoneProcess:
+        return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

@@ -25,7 +25,7 @@ from edgedeploy.devices.base import Device, DeviceError
 from edgedeploy.profile.prompts import PromptSpec, TokenizedPrompt, tokenize_prompt
 from edgedeploy.profile.push import PushProgress, local_files, push_bundle, push_files
 from edgedeploy.profile.runners import RunnerSpec, select_runner
-from edgedeploy.runtime.launch import parse_result, run_local
+from edgedeploy.runtime.launch import parse_result, run_local, runner_args
 
 KILLED = 137
 SAMPLE_S = 0.1
@@ -60,11 +60,8 @@ def lmkd_kill(logcat: str, pid: int | None) -> dict[str, Any] | None:
 
 def _runner_script(runner: RunnerSpec, runner_dir: str, run_dir: str, bundle: str, prompt: str,
                    threads: int | None, touch_kv: bool) -> str:
-    args = [*runner.command(runner_dir), bundle, "--prompt-file", prompt, "--no-verify"]
-    if threads:
-        args += ["--threads", str(threads)]
-    if touch_kv:
-        args.append("--touch-kv")
+    # The host verified every file against the manifest when it pushed them.
+    args = [*runner.command(runner_dir), *runner_args(bundle, prompt, None, threads, touch_kv, verify=False)]
     q = shlex.quote
     cmd = " ".join(q(a) for a in args)
     # A zombie keeps /proc/PID but loses its Vm* lines: that ends the sampling loop before `wait` reaps it.

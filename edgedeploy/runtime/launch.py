@@ -52,19 +52,26 @@ def fit_prompt(ids: list[int], manifest: Manifest, max_new_tokens: int, truncate
     return ids[-max(room, 1):]
 
 
+def runner_args(bundle_dir: Path | str, prompt_file: Path | str, max_new_tokens: int | None = None,
+                threads: int | None = None, touch_kv: bool = False, verify: bool = True) -> list[str]:
+    """The arguments every runner (Python or native) takes after its program name."""
+    args = [str(bundle_dir), "--prompt-file", str(prompt_file)]
+    if max_new_tokens is not None:
+        args += ["--max-new-tokens", str(max_new_tokens)]
+    if threads:
+        args += ["--threads", str(threads)]
+    if touch_kv:
+        args.append("--touch-kv")
+    if not verify:
+        args.append("--no-verify")
+    return args
+
+
 def runner_command(bundle_dir: Path, prompt_file: Path, max_new_tokens: int | None = None,
                    threads: int | None = None, touch_kv: bool = False, verify: bool = True) -> list[str]:
-    """The argv of the Python runner; device backends run the same command on the device."""
-    cmd = [sys.executable, "-m", "edgedeploy.runtime.runner", str(bundle_dir), "--prompt-file", str(prompt_file)]
-    if max_new_tokens is not None:
-        cmd += ["--max-new-tokens", str(max_new_tokens)]
-    if threads:
-        cmd += ["--threads", str(threads)]
-    if touch_kv:
-        cmd.append("--touch-kv")
-    if not verify:
-        cmd.append("--no-verify")
-    return cmd
+    """The argv of the Python runner on this host."""
+    return [sys.executable, "-m", "edgedeploy.runtime.runner",
+            *runner_args(bundle_dir, prompt_file, max_new_tokens, threads, touch_kv, verify)]
 
 
 def parse_result(stdout: str, returncode: int, stderr: str = "") -> dict[str, Any]:

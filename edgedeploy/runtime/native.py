@@ -180,19 +180,12 @@ def build_host_runner(out_dir: Path | str, jni: bool = False) -> RunnerBuild:
 def runner_command(runner: Path | str, bundle_dir: Path | str, prompt_file: Path | str,
                    max_new_tokens: int | None = None, threads: int | None = None, touch_kv: bool = False,
                    verify: bool = True, library: str | None = None) -> list[str]:
-    """The native runner's argv; the same options as :func:`edgedeploy.runtime.launch.runner_command`."""
-    cmd = [str(runner), str(bundle_dir), "--prompt-file", str(prompt_file)]
-    if max_new_tokens is not None:
-        cmd += ["--max-new-tokens", str(max_new_tokens)]
-    if threads:
-        cmd += ["--threads", str(threads)]
-    if touch_kv:
-        cmd.append("--touch-kv")
-    if not verify:
-        cmd.append("--no-verify")
-    if library:
-        cmd += ["--library", library]
-    return cmd
+    """The native runner's argv: the Python runner's options (:func:`~edgedeploy.runtime.launch.runner_args`)
+    plus ``--library``."""
+    from edgedeploy.runtime.launch import runner_args
+
+    cmd = [str(runner), *runner_args(bundle_dir, prompt_file, max_new_tokens, threads, touch_kv, verify)]
+    return cmd + (["--library", library] if library else [])
 
 
 # -- aarch64 Linux -------------------------------------------------------------------------------------
