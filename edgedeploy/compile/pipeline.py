@@ -9,10 +9,10 @@ from tvm import relax
 def _cpu_passes(target: tvm.target.Target) -> list:
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
-    from edgedeploy.compile.schedules import schedule_cpu_matmuls
+    from edgedeploy.compile.schedules import mark_noalias, schedule_cpu_matmuls
 
     return (cpu.library_dispatch_passes(target) + cpu.legalize_passes(target) + [schedule_cpu_matmuls]
-            + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))
+            + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target) + [mark_noalias])
 
 
 def _gpu_passes(target: tvm.target.Target) -> list:
