@@ -182,7 +182,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
                                  keep=args.keep, reference=Path(args.reference) if args.reference else None,
                                  timeout=args.timeout, runner=args.runner,
                                  runner_dir=Path(args.runner_dir) if args.runner_dir else None,
-                                 ndk=Path(args.ndk) if args.ndk else None)
+                                 ndk=Path(args.ndk) if args.ndk else None, harness=args.harness)
     out = Path(args.out) if args.out else Path("reports") / time.strftime("%Y%m%d-%H%M%S")
     paths = write_reports(results, out)
     if args.json:
@@ -227,7 +227,8 @@ def cmd_virtual_phone(args: argparse.Namespace) -> int:
     err_console.print(f"virtual phone '{profile.name}': sandbox {sandbox}, memory budget {budget_mb:,.0f} MiB",
                       highlight=False)
     serve(sandbox, args.port, props, int(budget_mb * 2**20), auth_keys_file=args.auth_keys,
-          disk_bytes=int(args.disk_mb * 2**20) if args.disk_mb else None, abi=args.abi)
+          disk_bytes=int(args.disk_mb * 2**20) if args.disk_mb else None, abi=args.abi,
+          app_runner_dir=args.app_harness)
     return EXIT_OK
 
 
@@ -346,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runner kind (auto: Python runner for host bundles, native runner for aarch64 ones)")
     s.add_argument("--runner-dir", help="prebuilt Android native runner (from `edgedeploy package`)")
     s.add_argument("--ndk", help="Android NDK, to link an Android bundle's model.tar for the phone")
+    s.add_argument("--harness", choices=("shell", "app"), default="shell",
+                   help="shell: the runner as an adb shell process; app: inside the harness app "
+                        "(android_template/app), under an app's real memory limits")
     s.add_argument("--keep", action="store_true", help="leave the pushed files on the device")
     s.add_argument("--out", help="report folder (default: reports/TIMESTAMP)")
     s.add_argument("--json", action="store_true", help="print results.json")
@@ -365,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--disk-mb", type=float, help="storage quota for pushes")
     s.add_argument("--abi", help="ro.product.cpu.abi (default: this host's)")
     s.add_argument("--auth-keys", type=Path, help="adb_keys file: require ADB auth with one of these keys")
+    s.add_argument("--app-harness", type=Path, metavar="RUNNER_DIR",
+                   help="emulate the installed harness app with a host native runner (edgedeploy package --abi host)")
     s.set_defaults(func=cmd_virtual_phone)
 
     s = sub.add_parser("package", help="build the native runner for a device ABI (Android needs an NDK)")

@@ -11,6 +11,14 @@ from edgedeploy.tiny import FAMILIES, make_tiny_checkpoint
 REFERENCE_CONFIGS = Path(__file__).parent / "data" / "reference_configs"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Runner builds and downloaded aarch64 wheels go to a temporary cache, not the user's ~/.cache."""
+    import os
+
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One FP16 checkpoint per family; the Llama one is sharded (index + several files)."""

@@ -4,6 +4,7 @@ build on a virtual phone of this host's ABI, and the refusals when bundle target
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,8 @@ import pytest
 from edgedeploy.cli import main
 from edgedeploy.compile.build import build_bundle
 
-from .test_native_runner import _aarch64_tools_missing
-from .test_virtual_phone import Phone
+from .test_native_runner import _aarch64_tools_missing, host_runner_build  # noqa: F401 - fixture
+from .test_virtual_phone import REPO_ROOT, Phone
 
 FAST = ["--prompts", "chat-short", "--runs", "1", "--warmup", "0"]
 
@@ -90,3 +91,52 @@ def test_package_host_runner_and_android_errors(tmp_path: Path, capsys) -> None:
     assert "needs --ndk" in capsys.readouterr().err
     assert main(["package", "--out", str(tmp_path / "a"), "--ndk", str(tmp_path), "--tvm-source", str(tmp_path)]) == 2
     assert "not an Android NDK" in capsys.readouterr().err
+
+
+# -- the harness app, emulated by the virtual phone with the host native runner ---------------------
+
+def test_app_harness_pass_kill_and_not_installed(host_bundle: Path, host_runner_build, tmp_path: Path,  # noqa: F811
+                                                 capsys) -> None:
+    app_dir = str(host_runner_build.runner.parent)
+    phone = Phone(tmp_path / "ok", "--app-harness", app_dir)
+    try:
+        rc = main(["profile", str(host_bundle), "--device", f"tcp:127.0.0.1:{phone.port}", "--harness", "app",
+                   "--prompts", "chat-short", "--runs", "2", "--warmup", "1", "--out", str(tmp_path / "r")])
+        app_files = phone.sandbox / "sdcard/Android/data/ai.edgedeploy.harness/files"
+        leftovers = [p for p in app_files.rglob("*") if p.is_file()]
+    finally:
+        phone.stop()
+    assert rc == 0, capsys.readouterr().err
+    model = json.loads((tmp_path / "r" / "results.json").read_text())["models"][0]
+    assert model["harness"] == "app" and model["runner"]["kind"] == "app"
+    prompt = model["prompts"][0]
+    assert len(prompt["warmup"]) == 1 and len(prompt["runs"]) == 2
+    assert prompt["runs"][0]["runner"] == "native"
+    assert prompt["runs"][0]["token_ids"] == prompt["reference"]["token_ids"]
+    assert leftovers == []
+
+    # The native runner of a tiny model lives ~20 ms, too briefly for the phone's 20 ms memory watch to
+    # be sure to see it; an "app" that runs the Python runner (~80 MiB for a second) meets the budget surely.
+    slow_app = tmp_path / "slow-app"
+    slow_app.mkdir()
+    script = slow_app / "edgedeploy-runner"
+    script.write_text(f"#!/bin/sh\nexec env TVM_USE_RUNTIME_LIB=1 PYTHONPATH={REPO_ROOT} {sys.executable} "
+                      "-m edgedeploy.runtime.runner \"$@\"\n")
+    script.chmod(0o755)
+    phone = Phone(tmp_path / "tight", "--app-harness", str(slow_app), "--budget-mb", "40")
+    try:
+        rc = main(["profile", str(host_bundle), "--device", f"tcp:127.0.0.1:{phone.port}", "--harness", "app",
+                   "--prompts", "chat-short", "--runs", "1", "--warmup", "0", "--out", str(tmp_path / "k")])
+    finally:
+        phone.stop()
+    assert rc == 1
+    model = json.loads((tmp_path / "k" / "results.json").read_text())["models"][0]
+    assert "app killed at" in " ".join(model["reasons"]) and "lowmemorykiller" in " ".join(model["reasons"])
+
+    capsys.readouterr()
+    phone = Phone(tmp_path / "none")
+    try:
+        rc = main(["profile", str(host_bundle), "--device", f"tcp:127.0.0.1:{phone.port}", "--harness", "app"])
+    finally:
+        phone.stop()
+    assert rc == 2 and "harness app ai.edgedeploy.harness is not installed" in capsys.readouterr().err

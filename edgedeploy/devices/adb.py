@@ -179,7 +179,8 @@ class AdbTcpDevice(Device):
 
     def shell(self, command: str, timeout: float | None = None) -> ShellResult:
         # stderr is folded into stdout by the v1 shell service; the exit code rides on the last line.
-        wrapped = f"{command}\necho; echo {_RC_MARKER}$?"
+        # Keep $? before the separating echo overwrites it.
+        wrapped = f"{command}\n__edgedeploy_rc=$?; echo; echo {_RC_MARKER}$__edgedeploy_rc"
         try:
             out = self._dev.shell(wrapped, timeout_s=timeout, read_timeout_s=timeout or self._timeout)
         except self._errors() as e:

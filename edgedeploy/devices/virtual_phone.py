@@ -115,6 +115,41 @@ DEFAULT_PROPS = {
     "ro.edgedeploy.virtual": "1",
 }
 AARCH64_SYSROOT = "/usr/aarch64-linux-gnu"
+#: The harness app of android_template/app, emulated with app_runner_dir.
+HARNESS_PACKAGE = "ai.edgedeploy.harness"
+_AM_SCRIPT = r"""#!/bin/sh
+# am of the edgedeploy virtual phone: `am start -n @PKG@/.RunnerActivity` with the harness's extras runs
+# the emulated app (the native runner) in the foreground, one run after another, as RunnerActivity does.
+[ "$1" = start ] || { echo "am: only 'start' is emulated" >&2; exit 1; }
+shift
+comp=; bundle=; prompt=; runs=1; maxnew=; threads=; touch=
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -n) comp=$2; shift 2 ;;
+    --es) case "$2" in bundle) bundle=$3 ;; prompt_file) prompt=$3 ;; esac; shift 3 ;;
+    --ei) case "$2" in runs) runs=$3 ;; max_new_tokens) maxnew=$3 ;; threads) threads=$3 ;; esac; shift 3 ;;
+    --ez) if [ "$2" = touch_kv ] && [ "$3" = true ]; then touch=1; fi; shift 3 ;;
+    *) shift ;;
+  esac
+done
+[ "$comp" = "@PKG@/.RunnerActivity" ] || { echo "Error: Activity class {$comp} does not exist." >&2; exit 1; }
+rm -f @FILES@/done @FILES@/results.jsonl
+set -- "$bundle" --prompt-file "$prompt"
+[ -n "$maxnew" ] && set -- "$@" --max-new-tokens "$maxnew"
+[ -n "$threads" ] && set -- "$@" --threads "$threads"
+[ -n "$touch" ] && set -- "$@" --touch-kv
+echo "Starting: Intent { cmp=$comp }"
+i=0
+while [ "$i" -lt "$runs" ]; do
+  @RUNNER@ "$@" >> @FILES@/results.jsonl
+  rc=$?
+  # The runner reports its own errors (exit 2, 3) in its JSON line; anything else killed the app.
+  [ "$rc" -eq 0 ] || [ "$rc" -eq 2 ] || [ "$rc" -eq 3 ] || exit 0
+  i=$((i + 1))
+done
+echo "ok $runs" > @FILES@/done
+echo "Status: ok"
+"""
 # platform.machine() names to Android ABI names (what ro.product.cpu.abi holds on a phone).
 HOST_ABIS = {
     "x86_64": "x86_64",
@@ -421,6 +456,7 @@ class VirtualPhone:
         disk_bytes: int | None = None,
         drop_after_bytes: int | None = None,
         abi: str | None = None,
+        app_runner_dir: Path | None = None,
     ) -> None:
         if host not in _LOCAL_HOSTS:
             raise ValueError(f"the virtual phone only listens on loopback (127.0.0.1/localhost), not {host!r}")
@@ -435,6 +471,7 @@ class VirtualPhone:
             self.auth_keys = [k if isinstance(k, rsa.RSAPublicKey) else parse_adb_public_key(k) for k in auth_keys]
         self.disk_bytes = disk_bytes
         self.drop_after_bytes = drop_after_bytes
+        self.app_runner_dir = app_runner_dir
         self.props = dict(DEFAULT_PROPS)
         if memory_budget_bytes:
             self.props["ro.edgedeploy.memtotal_kb"] = str(memory_budget_bytes // 1024)
@@ -488,10 +525,39 @@ for a in "$@"; do [ "$a" = "-c" ] && {{ : > {log}; exit 0; }}; done
 cat {log}
 """,
         }
+        if self.app_runner_dir is not None:
+            scripts.update(self._app_harness_scripts())
         for name, text in scripts.items():
             path = self.root / "system/bin" / name
             path.write_text(text)
             path.chmod(0o755)
+
+    def _app_harness_scripts(self) -> dict[str, str]:
+        """``pm``, ``am`` and ``run-as`` that emulate the installed edgedeploy harness app.
+
+        The "app" is the host build of the native runner in ``app_runner_dir`` (the JNI bridge of the real
+        app calls the same code). ``am start -W`` runs it in the foreground, so the memory budget applies
+        and ``files/done`` exists when ``am`` returns; a real phone returns once the Activity started.
+        """
+        app = self.root / "data" / "data" / HARNESS_PACKAGE
+        (app / "files").mkdir(parents=True, exist_ok=True)
+        q = shlex.quote
+        runner = q(str(Path(self.app_runner_dir or ".").resolve() / "edgedeploy-runner"))
+        return {
+            "pm": f"""#!/bin/sh
+# pm of the edgedeploy virtual phone: only `pm path` of the emulated harness app.
+if [ "$1" = path ] && [ "$2" = {HARNESS_PACKAGE} ]; then echo package:/data/app/{HARNESS_PACKAGE}/base.apk; exit 0; fi
+exit 1
+""",
+            "run-as": f"""#!/bin/sh
+# run-as of the edgedeploy virtual phone: runs a command in the emulated harness app's data folder.
+[ "$1" = {HARNESS_PACKAGE} ] || {{ echo "run-as: package not debuggable: $1" >&2; exit 1; }}
+shift
+cd {q(str(app))} && exec "$@"
+""",
+            "am": _AM_SCRIPT.replace("@PKG@", HARNESS_PACKAGE).replace("@FILES@", q(str(app / "files")))
+                             .replace("@RUNNER@", runner),
+        }
 
     def disk_used(self) -> int:
         """Bytes in regular files under the sandbox, ``/system`` excepted: the phone's /data (/sdcard lives there)."""
@@ -880,18 +946,19 @@ def serve(
     disk_bytes: int | None = None,
     drop_after_bytes: int | None = None,
     abi: str | None = None,
+    app_runner_dir: Path | None = None,
 ) -> None:
     """Run a virtual phone until SIGINT/SIGTERM; prints ``virtual phone listening on 127.0.0.1:PORT`` when ready.
 
     With ``auth_keys_file`` (``adb_keys`` format) clients must sign the AUTH token with one of its keys.
-    ``disk_bytes``, ``drop_after_bytes`` and ``abi`` are passed to :class:`VirtualPhone`.
+    ``disk_bytes``, ``drop_after_bytes``, ``abi`` and ``app_runner_dir`` are passed to :class:`VirtualPhone`.
     """
     keys: list[Any] | None = load_auth_keys(auth_keys_file) if auth_keys_file is not None else None
     if keys is None and allow_any_key:
         keys = []
     phone = VirtualPhone(
         Path(sandbox), port, props, memory_budget_bytes, keys, allow_any_key=allow_any_key,
-        disk_bytes=disk_bytes, drop_after_bytes=drop_after_bytes, abi=abi,
+        disk_bytes=disk_bytes, drop_after_bytes=drop_after_bytes, abi=abi, app_runner_dir=app_runner_dir,
     )  # fmt: skip
     asyncio.run(phone.serve_forever())
 
@@ -914,6 +981,8 @@ def main(argv: list[str] | None = None) -> int:
         help="cut the connection once, when the pushed bytes (all connections) pass N",
     )  # fmt: skip
     ap.add_argument("--abi", default=None, help="ro.product.cpu.abi (default: the host's, in Android names)")
+    ap.add_argument("--app-harness", type=Path, default=None, metavar="RUNNER_DIR",
+                    help="emulate the installed harness app with the host native runner in RUNNER_DIR")
     args = ap.parse_args(argv)
     props = {}
     for item in args.prop:
@@ -925,7 +994,7 @@ def main(argv: list[str] | None = None) -> int:
     disk = int(args.disk_mb * 1024 * 1024) if args.disk_mb is not None else None
     serve(
         args.sandbox, args.port, props, budget, args.auth_keys, args.allow_any_key,
-        disk_bytes=disk, drop_after_bytes=args.drop_after_bytes, abi=args.abi,
+        disk_bytes=disk, drop_after_bytes=args.drop_after_bytes, abi=args.abi, app_runner_dir=args.app_harness,
     )  # fmt: skip
     return 0
 

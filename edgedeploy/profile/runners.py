@@ -97,14 +97,37 @@ def _native(build: Any, abi: str, wrapper: list[str]) -> RunnerSpec:
                       elf_machine=elf_machine(build.runner))
 
 
+def _app_runner(facts: DeviceFacts, manifest: Manifest, bundle_dir: Path, ndk: Path | None,
+                link_dir: Path) -> RunnerSpec:
+    """The harness app carries its runner; only an Android bundle's model.so must be linked and pushed."""
+    virtual = bool(facts.props.get("ro.edgedeploy.virtual"))
+    if manifest.target == "host" and virtual:
+        return RunnerSpec("app", facts.abi, [])  # the virtual phone's emulated app is the host runner
+    if manifest.target not in ("android", "android-opencl") or virtual:
+        raise DeviceError(f"{facts.serial}: the harness app runs android bundles on a phone (this is a "
+                          f"{manifest.target} bundle on {'a virtual phone' if virtual else 'a phone'})")
+    if ndk is None:
+        raise DeviceError("--ndk NDK is needed to link the bundle's model.tar for the phone")
+    from edgedeploy.runtime.native import link_android_library
+
+    so = link_android_library(bundle_dir / manifest.library, ndk, link_dir / f".{bundle_dir.name}-model-android.so")
+    return RunnerSpec("app", facts.abi, [], bundle_extra={"model.so": so})
+
+
 def select_runner(facts: DeviceFacts, manifest: Manifest, bundle_dir: Path, prefer: str = "auto",
-                  runner_dir: Path | None = None, ndk: Path | None = None, link_dir: Path | None = None) -> RunnerSpec:
-    """The runner for ``manifest``'s target on the device ``facts`` describes; DeviceError when none fits."""
+                  runner_dir: Path | None = None, ndk: Path | None = None, link_dir: Path | None = None,
+                  harness: str = "shell") -> RunnerSpec:
+    """The runner for ``manifest``'s target on the device ``facts`` describes; DeviceError when none fits.
+
+    With ``harness="app"`` the runner is the one inside the harness app (kind ``app``).
+    """
     host_abi = HOST_ABIS.get(platform.machine().lower(), platform.machine().lower())
     device_abi = facts.abi or "unknown"
     python = facts.props.get("ro.edgedeploy.python")
     wrapper = shlex.split(facts.props.get("ro.edgedeploy.exec_wrapper", ""))
     target = manifest.target
+    if harness == "app":
+        return _app_runner(facts, manifest, bundle_dir, ndk, link_dir or bundle_dir.parent)
     if target == "host":
         if device_abi != host_abi or not python:
             raise DeviceError(f"{facts.serial}: bundle {bundle_dir.name} is a host ({host_abi}) build and cannot run "

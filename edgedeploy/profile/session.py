@@ -22,6 +22,7 @@ from typing import Any
 
 from edgedeploy.bundle import Manifest, read_manifest
 from edgedeploy.devices.base import Device, DeviceError
+from edgedeploy.profile import app_harness
 from edgedeploy.profile.prompts import PromptSpec, TokenizedPrompt, tokenize_prompt
 from edgedeploy.profile.push import PushProgress, local_files, push_bundle, push_files
 from edgedeploy.profile.runners import RunnerSpec, select_runner
@@ -133,21 +134,26 @@ def profile_bundle(device: Device, bundle_dir: Path, prompts: list[PromptSpec], 
                    cooldown_s: float = 0.0, threads: int | None = None, touch_kv: bool = True, keep: bool = False,
                    reference: Path | None = None, timeout: float = 900.0, push_progress: PushProgress | None = None,
                    event: Event = _no_event, runner: str = "auto", runner_dir: Path | None = None,
-                   ndk: Path | None = None) -> dict[str, Any]:
+                   ndk: Path | None = None, harness: str = "shell") -> dict[str, Any]:
     """Push ``bundle_dir``, run every prompt ``warmup`` + ``runs`` times, return the raw measurements.
 
     ``reference`` is a host bundle of the same model whose tokens the device must reproduce (default:
     the bundle itself when it is a host build). Files and processes started on the device are removed
     at the end unless ``keep``. ``runner`` is ``auto``, ``python`` or ``native``; ``runner_dir`` and ``ndk``
-    are for Android bundles (see :mod:`edgedeploy.profile.runners`).
+    are for Android bundles (see :mod:`edgedeploy.profile.runners`). ``harness="app"`` runs through the
+    harness app (:mod:`edgedeploy.profile.app_harness`) instead of a shell process.
     """
     from tokenizers import Tokenizer
 
     manifest: Manifest = read_manifest(bundle_dir)
     facts = device.facts()
     link_tmp = tempfile.TemporaryDirectory(prefix="edgedeploy-link-")
-    runner_spec = select_runner(facts, manifest, bundle_dir, runner, runner_dir, ndk, Path(link_tmp.name))
-    remote_bundle = posixpath.join(device.work_dir, "bundles", bundle_dir.resolve().name)
+    app = harness == "app"
+    if app:
+        app_harness.check_installed(device)
+    runner_spec = select_runner(facts, manifest, bundle_dir, runner, runner_dir, ndk, Path(link_tmp.name), harness)
+    remote_bundle = (app_harness.remote_bundle_dir(bundle_dir.resolve().name) if app
+                     else posixpath.join(device.work_dir, "bundles", bundle_dir.resolve().name))
     remote_runner = posixpath.join(device.work_dir, "runners", runner_spec.abi)
     run_dir = posixpath.join(device.work_dir, "runs", uuid.uuid4().hex[:12])
     event("push", f"{bundle_dir} -> {device.serial}:{remote_bundle}")
@@ -170,7 +176,12 @@ def profile_bundle(device: Device, bundle_dir: Path, prompts: list[PromptSpec], 
         for spec in prompts:
             prompt = tokenize_prompt(spec, tokenizer, manifest.context_window)
             entry: dict[str, Any] = {**prompt.to_dict(), "description": spec.description, "warmup": [], "runs": []}
-            for i in range(warmup + runs):
+            if app:
+                event("run", f"{spec.name} through the harness app ({warmup} warm-up + {runs} runs)")
+                records = _run_app(device, remote_bundle, prompt, warmup + runs, threads, touch_pending, timeout)
+                touch_pending = False
+                entry["warmup"], entry["runs"] = records[:warmup], records[warmup:]
+            for i in range(0 if app else warmup + runs):
                 kind = "warmup" if i < warmup else "runs"
                 event("run", f"{spec.name} {kind} {i + 1 - (warmup if kind == 'runs' else 0)}")
                 rec = run_once(device, runner_spec, remote_runner, remote_bundle, run_dir, prompt, threads,
@@ -193,9 +204,37 @@ def profile_bundle(device: Device, bundle_dir: Path, prompts: list[PromptSpec], 
             device.remove(remote_bundle)
             if runner_spec.files:
                 device.remove(remote_runner)
+            if app:
+                device.remove(posixpath.join(app_harness.APP_FILES, "prompt.json"))
     return {"bundle": str(bundle_dir), "model": bundle_dir.resolve().name, "manifest": _manifest_fields(manifest),
             "runner": runner_spec.to_dict(), "push": stats.to_dict(), "prompts": results, "threads": threads,
-            "touch_kv": touch_kv, "runs": runs, "warmup": warmup}
+            "touch_kv": touch_kv, "runs": runs, "warmup": warmup, "harness": harness}
+
+
+def _run_app(device: Device, remote_bundle: str, prompt: TokenizedPrompt, count: int, threads: int | None,
+             touch_kv: bool, timeout: float) -> list[dict[str, Any]]:
+    """``count`` runs in one harness-app process; a missing ``done`` file means the app was killed."""
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / "prompt.json"
+        local.write_text(json.dumps({"token_ids": prompt.token_ids, "max_new_tokens": prompt.max_new_tokens}))
+        remote_prompt = posixpath.join(app_harness.APP_FILES, "prompt.json")
+        device.push(local, remote_prompt)
+    records, info = app_harness.run_app(device, remote_bundle, remote_prompt, prompt.max_new_tokens, count, threads,
+                                        touch_kv, timeout)
+    for rec in records:
+        rec["timeline"] = info["timeline"]
+    if not info["done"] or info["done"].startswith("error"):
+        kill = lmkd_kill(device.run_args(["logcat", "-d"]).stdout, info["pid"])
+        last = max((s["rss_bytes"] for s in info["timeline"]), default=0)
+        at = max(last, kill["freed_bytes"] if kill else 0)
+        if kill or not info["done"]:
+            records.append({"exit_code": KILLED, "timeline": info["timeline"], "device_pid": info["pid"],
+                            "error": f"app killed at {at / 2**20:,.0f} MiB (no files/done)",
+                            "killed": {"signal": "SIGKILL", "last_rss_bytes": last, "killed_at_bytes": at,
+                                       "lmkd": kill}})
+        else:
+            records.append({"exit_code": 3, "error": f"harness app: {info['done']}"})
+    return records
 
 
 def _run_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -139,6 +139,7 @@ def _model_rows(model: dict[str, Any]) -> list[tuple[str, str]]:
         ("budget / headroom", f"{_mib(model.get('budget_bytes'))} / {_mib(model.get('headroom_bytes'))}"),
         ("device", f"{dev.get('manufacturer', '')} {dev.get('model', '')} ({dev.get('serial', '')}, "
                    f"{dev.get('abi', '')}, Android {dev.get('android_release') or 'n/a'})"),
+        ("harness", model.get("harness", "shell")),
         ("runner", f"{model['runner']['kind']} (device ABI {dev.get('abi', '?')}"
                    + (f", ELF {model['runner']['elf_machine']})" if model["runner"].get("elf_machine") else ")")),
         ("push", f"{model['push']['files_sent']} files sent, {model['push']['files_skipped']} skipped, "
