@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from edgedeploy.errors import InputError
+from edgedeploy.jsonfile import read_json_object
 
 MANIFEST = "bundle.json"
 SCHEMA_VERSION = 1
@@ -82,12 +83,7 @@ def read_manifest(bundle_dir: Path | str) -> Manifest:
     path = bundle_dir / MANIFEST
     if not path.is_file():
         raise InputError(f"{bundle_dir}: not a bundle (no {MANIFEST}); make one with `edgedeploy build`")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: malformed JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: expected a JSON object")
+    data = read_json_object(path, "the bundle manifest")
     if data.get("schema_version") != SCHEMA_VERSION:
         raise InputError(f"{path}: schema_version {data.get('schema_version')!r} is not {SCHEMA_VERSION}; "
                          "rebuild the bundle with this edgedeploy")

@@ -145,7 +145,7 @@ def _a_file(tmp: Path, models: dict[str, Path]) -> Path:
 BAD_INPUTS: dict[str, tuple[Callable[[Path, dict[str, Path]], Path], str]] = {
     "missing folder": (_missing, "no such folder"),
     "no config.json": (_no_config, "no config.json"),
-    "malformed JSON": (_malformed, "malformed JSON"),
+    "malformed JSON": (_malformed, "config.json is not valid JSON"),
     "config lacks fields": (_lacks_fields, "lacks required field 'num_attention_heads'"),
     "unknown architecture": (_unknown_arch, "unsupported architecture 'MambaForCausalLM'"),
     "truncated safetensors": (_truncated, "truncated"),

@@ -6,12 +6,12 @@ Every later stage (rule check, estimate, model definition, runtime) reads sizes 
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edgedeploy.errors import InputError
+from edgedeploy.jsonfile import read_json_object
 
 #: Hugging Face class name -> architecture family (one module per family in ``edgedeploy.models``).
 ARCHITECTURES: dict[str, str] = {
@@ -84,12 +84,7 @@ def load_config(model_dir: Path) -> tuple[ModelConfig, dict[str, Any]]:
     path = model_dir / "config.json"
     if not path.is_file():
         raise InputError(f"{model_dir}: no config.json (is this a Hugging Face model folder?)")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: malformed JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise InputError(f"{path}: expected a JSON object at the top level")
+    raw = read_json_object(path, "config.json")
     return parse_config(raw, source=str(path)), raw
 
 

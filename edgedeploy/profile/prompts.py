@@ -8,12 +8,12 @@ its answer in the bundle's context window is clipped (its head is kept) and the 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edgedeploy.errors import InputError
+from edgedeploy.jsonfile import read_json_object
 
 PROMPTS_DIR = Path(__file__).resolve().parents[2] / "profiles" / "prompts"
 DEFAULT_SETS = ("chat-short", "doc-1k", "long-2k")
@@ -51,12 +51,7 @@ def load_prompt_file(path: Path | str) -> PromptSpec:
         if not named.is_file():
             raise InputError(f"{path}: no such prompt file (built-in sets: {', '.join(DEFAULT_SETS)})")
         path = named
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: prompt file is not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: prompt file must hold a JSON object")
+    data = read_json_object(path, "the prompt file")
     text, max_new = data.get("text"), data.get("max_new_tokens", 64)
     if not isinstance(text, str) or not text:
         raise InputError(f"{path}: field 'text' must be a non-empty string")
