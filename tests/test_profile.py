@@ -174,3 +174,15 @@ def test_local_profile_and_report_rerender(host_bundle: Path, tmp_path: Path, ca
     assert "| memory-fit | PASS |" in capsys.readouterr().out
     (tmp_path / "junk.json").write_text("[]")
     assert main(["report", str(tmp_path / "junk.json")]) == 2
+
+
+def test_lmkd_line_is_matched_by_pid_and_time() -> None:
+    from edgedeploy.profile.session import lmkd_kill
+
+    line = "11-29 01:{} I lowmemorykiller: Kill '{}' ({}), uid 2000, oom_score_adj 0 to free {}kB rss, 0kB swap"
+    log = "\n".join([line.format("09:54.062", "old", 100, 10), line.format("10:54.062", "runner", 200, 20),
+                     line.format("10:55.062", "other", 300, 30)])
+    assert lmkd_kill(log, 200, "11-29 01:10:00")["freed_bytes"] == 20 * 1024
+    assert lmkd_kill(log, None, "11-29 01:10:00")["process"] == "other"  # no pid: the newest kill
+    assert lmkd_kill(log, 100, "11-29 01:10:00")["pid"] == 300  # an earlier run's kill is never blamed
+    assert lmkd_kill(log, 1, "11-29 02:00:00") is None

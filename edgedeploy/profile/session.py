@@ -48,15 +48,28 @@ def _summary(values: list[float]) -> dict[str, float]:
 _LMKD = re.compile(r"Kill '([^']*)' \((\d+)\).*?to free (\d+)kB")
 
 
-def lmkd_kill(logcat: str, pid: int | None) -> dict[str, Any] | None:
-    """The low-memory-killer line for ``pid`` (or the last one) in ``logcat -d`` output."""
+def lmkd_kill(logcat: str, pid: int | None, since: str = "") -> dict[str, Any] | None:
+    """The low-memory-killer line in ``logcat -d`` output: the one for ``pid``, else the last one.
+
+    Only lines stamped at or after ``since`` (the device's ``date '+%m-%d %H:%M:%S'`` before the run;
+    logcat's threadtime stamps sort the same way) count, so a kill from an earlier run is never blamed.
+    """
     found = None
     for line in logcat.splitlines():
         m = _LMKD.search(line)
-        if m and (pid is None or int(m.group(2)) == pid or found is None):
-            found = {"process": m.group(1), "pid": int(m.group(2)), "freed_bytes": int(m.group(3)) * 1024,
-                     "line": line.strip()}
+        if not m or line[:14] < since:
+            continue
+        kill = {"process": m.group(1), "pid": int(m.group(2)), "freed_bytes": int(m.group(3)) * 1024,
+                "line": line.strip()}
+        if found is None or found["pid"] != pid:
+            found = kill
     return found
+
+
+def device_clock(device: Device) -> str:
+    """The device's time in logcat's stamp format (month-day hour:minute:second)."""
+    r = device.run_args(["date", "+%m-%d %H:%M:%S"])
+    return r.stdout.strip() if r.exit_code == 0 else ""
 
 
 def _runner_script(runner: RunnerSpec, runner_dir: str, run_dir: str, bundle: str, prompt: str,
@@ -103,6 +116,7 @@ def run_once(device: Device, runner: RunnerSpec, runner_dir: str, remote_bundle:
         remote_prompt = posixpath.join(run_dir, "prompt.json")
         device.push(local, remote_prompt)
     device.run_args(["rm", "-f", posixpath.join(run_dir, "result.json"), posixpath.join(run_dir, "stderr.txt")])
+    since = device_clock(device)
     t0 = time.perf_counter()
     shell = device.shell(_runner_script(runner, runner_dir, run_dir, remote_bundle, remote_prompt, threads,
                                         touch_kv), timeout=timeout)
@@ -122,7 +136,7 @@ def run_once(device: Device, runner: RunnerSpec, runner_dir: str, remote_bundle:
                   + (f": {err.splitlines()[-1]}" if err else "")}
     record.update(wall_s=wall, timeline=timeline[:: max(1, len(timeline) // 200)], device_pid=pid)
     if rc == KILLED:
-        kill = lmkd_kill(device.run_args(["logcat", "-d"]).stdout, pid)
+        kill = lmkd_kill(device.run_args(["logcat", "-d"]).stdout, pid, since)
         last = max((s["rss_bytes"] for s in timeline), default=0)
         record["killed"] = {"signal": "SIGKILL", "last_rss_bytes": last,
                             "killed_at_bytes": max(last, kill["freed_bytes"] if kill else 0), "lmkd": kill}
@@ -219,12 +233,13 @@ def _run_app(device: Device, remote_bundle: str, prompt: TokenizedPrompt, count:
         local.write_text(json.dumps({"token_ids": prompt.token_ids, "max_new_tokens": prompt.max_new_tokens}))
         remote_prompt = posixpath.join(app_harness.APP_FILES, "prompt.json")
         device.push(local, remote_prompt)
+    since = device_clock(device)
     records, info = app_harness.run_app(device, remote_bundle, remote_prompt, prompt.max_new_tokens, count, threads,
                                         touch_kv, timeout)
     for rec in records:
         rec["timeline"] = info["timeline"]
     if not info["done"] or info["done"].startswith("error"):
-        kill = lmkd_kill(device.run_args(["logcat", "-d"]).stdout, info["pid"])
+        kill = lmkd_kill(device.run_args(["logcat", "-d"]).stdout, info["pid"], since)
         last = max((s["rss_bytes"] for s in info["timeline"]), default=0)
         at = max(last, kill["freed_bytes"] if kill else 0)
         if kill or not info["done"]:
