@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from edgedeploy.errors import InputError
-from edgedeploy.jsonfile import read_json_object
+from edgedeploy.fileio import read_json_object
 
 MANIFEST = "bundle.json"
 SCHEMA_VERSION = 1

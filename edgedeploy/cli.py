@@ -128,10 +128,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.prompt is not None:
         ids = tokenize(bundle, args.prompt)
     else:
-        try:
-            ids = read_prompt_file(Path(args.prompt_file))["token_ids"]
-        except ValueError as e:
-            raise EdgeDeployError(str(e)) from None
+        ids = read_prompt_file(Path(args.prompt_file))["token_ids"]
     ids = fit_prompt(ids, manifest, args.max_new_tokens, args.truncate)
     result = run_local(bundle, ids, args.max_new_tokens, threads=args.threads, touch_kv=args.touch_kv,
                        verify=not args.no_verify)

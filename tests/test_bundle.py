@@ -170,3 +170,15 @@ def test_failed_build_leaves_old_bundle_intact(bundle: Path, tiny_models: dict[s
     assert read_manifest(copy).files == before
     verify_bundle(copy)
     assert not list(tmp_path.glob(".b.*"))
+
+
+def test_bad_prompt_file_for_run_and_runner(bundle: Path, tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "ids.json"
+    bad.write_text("[1, 2,")
+    assert main(["run", str(bundle), "--prompt-file", str(bad)]) == 2
+    assert "prompt file is not valid JSON" in capsys.readouterr().err
+    bad.write_text('{"token_ids": [1, -2]}')
+    out = subprocess.run([sys.executable, "-m", "edgedeploy.runtime.runner", str(bundle), "--prompt-file", str(bad)],
+                         capture_output=True, text=True, timeout=120)
+    line = json.loads(out.stdout.strip().splitlines()[-1])
+    assert out.returncode == 2 and line["error_kind"] == "input" and "non-negative integers" in line["error"]

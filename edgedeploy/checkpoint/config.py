@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from edgedeploy.errors import InputError
-from edgedeploy.jsonfile import read_json_object
+from edgedeploy.fileio import read_json_object
 
 #: Hugging Face class name -> architecture family (one module per family in ``edgedeploy.models``).
 ARCHITECTURES: dict[str, str] = {

@@ -18,6 +18,7 @@ import numpy as np
 from edgedeploy.checkpoint.config import ModelConfig
 from edgedeploy.checkpoint.safetensors_index import read_checkpoint_tensors
 from edgedeploy.errors import InputError
+from edgedeploy.fileio import pread_exact
 
 #: Bytes per shard file; a larger tensor gets a shard of its own.
 SHARD_CAP_BYTES = 32 << 20
@@ -30,16 +31,6 @@ _ST_DTYPES: dict[str, tuple[np.dtype, int]] = {
 }
 
 Progress = Callable[[int, int, str], None]
-
-
-def pread_exact(fd: int, buf: memoryview, offset: int) -> None:
-    """Fill ``buf`` from ``fd`` at ``offset``; pread may return short reads for large requests."""
-    done, n = 0, len(buf)
-    while done < n:
-        got = os.preadv(fd, [buf[done:]], offset + done)
-        if got <= 0:
-            raise InputError(f"unexpected end of file reading {n} bytes at offset {offset}")
-        done += got
 
 
 class SafetensorsReader:

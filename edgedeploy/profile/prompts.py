@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from edgedeploy.errors import InputError
-from edgedeploy.jsonfile import read_json_object
+from edgedeploy.fileio import read_json_object
 
 PROMPTS_DIR = Path(__file__).resolve().parents[2] / "profiles" / "prompts"
 DEFAULT_SETS = ("chat-short", "doc-1k", "long-2k")

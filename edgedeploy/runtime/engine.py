@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from edgedeploy.errors import EdgeDeployError, InputError
+from edgedeploy.fileio import pread_exact
 
 
 def _import_tvm_runtime() -> Any:
@@ -63,13 +64,8 @@ class GenerationResult:
 
 
 def _pread_into(fd: int, ptr: int, nbytes: int, offset: int) -> None:
-    buf = memoryview((ctypes.c_char * nbytes).from_address(ptr)).cast("B")
-    done = 0
-    while done < nbytes:
-        got = os.preadv(fd, [buf[done:]], offset + done)
-        if got <= 0:
-            raise InputError(f"weight shard ends early (wanted {nbytes} bytes at offset {offset})")
-        done += got
+    """Read a weight straight into the runtime's tensor memory at ``ptr``."""
+    pread_exact(fd, memoryview((ctypes.c_char * nbytes).from_address(ptr)).cast("B"), offset)
 
 
 class Engine:

@@ -53,27 +53,27 @@ def memory_fields() -> dict[str, int]:
 
 
 def read_prompt_file(path: Path) -> dict[str, Any]:
-    """Parse a prompt file into ``{"token_ids": [...], ...}``; raises ValueError with the reason."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read prompt file ({e.strerror})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: prompt file is not valid JSON ({e})") from None
+    """Parse a prompt file into ``{"token_ids": [...], ...}``; InputError with the reason."""
+    from edgedeploy.errors import InputError
+    from edgedeploy.fileio import read_json
+
+    data = read_json(path, "prompt file")
     if isinstance(data, list):
         data = {"token_ids": data}
     ids = data.get("token_ids") if isinstance(data, dict) else None
     if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and t >= 0 for t in ids):
-        raise ValueError(f"{path}: 'token_ids' must be a non-empty list of non-negative integers")
+        raise InputError(f"{path}: 'token_ids' must be a non-empty list of non-negative integers")
     return data
 
 
 def run(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
     """Do the work of one runner invocation; return (exit code, result fields)."""
     result: dict[str, Any] = {"threads": args.threads}
+    from edgedeploy.errors import InputError
+
     try:
         prompt = read_prompt_file(Path(args.prompt_file))
-    except ValueError as e:
+    except InputError as e:
         return EXIT_INPUT, {**result, "error": str(e), "error_kind": "input"}
     if args.threads:
         # The TVM thread pool reads this once, at its creation.
