@@ -311,7 +311,11 @@ def test_adb_exec_in_and_exec_out(adb_server: AdbServer, phone: Phone) -> None:
         env=adb_server.env, input="through stdin\n", capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
-    assert adb_server.adb("-s", phone.serial, "exec-out", "cat exec_in.txt").stdout == "through stdin\n"
+    # exec-in returns once the client has sent stdin and closed; the device command may still be writing.
+    deadline = time.monotonic() + 10
+    while (out := adb_server.adb("-s", phone.serial, "exec-out", "cat exec_in.txt").stdout) != "through stdin\n":
+        assert time.monotonic() < deadline, out
+        time.sleep(0.1)
 
 
 @needs_adb
