@@ -223,7 +223,7 @@ def cmd_virtual_phone(args: argparse.Namespace) -> int:
     budget_mb = args.budget_mb or profile.usable_budget_mb
     err_console.print(f"virtual phone '{profile.name}': sandbox {sandbox}, memory budget {budget_mb:,.0f} MiB",
                       highlight=False)
-    serve(sandbox, args.port, props, int(budget_mb * 2**20), auth_keys_file=args.auth_keys,
+    serve(sandbox, args.port, auth_keys_file=args.auth_keys, props=props, memory_budget_bytes=int(budget_mb * 2**20),
           disk_bytes=int(args.disk_mb * 2**20) if args.disk_mb else None, abi=args.abi,
           app_runner_dir=args.app_harness)
     return EXIT_OK

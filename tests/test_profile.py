@@ -186,3 +186,16 @@ def test_lmkd_line_is_matched_by_pid_and_time() -> None:
     assert lmkd_kill(log, None, "11-29 01:10:00")["process"] == "other"  # no pid: the newest kill
     assert lmkd_kill(log, 100, "11-29 01:10:00")["pid"] == 300  # an earlier run's kill is never blamed
     assert lmkd_kill(log, 1, "11-29 02:00:00") is None
+
+
+def test_virtual_phone_cli_serves_the_profile(tmp_path: Path) -> None:
+    """`edgedeploy virtual-phone --profile reference-12gb`: the phone states the profile's model and RAM."""
+    from edgedeploy.devices.virtual_phone_process import VirtualPhoneProcess
+
+    with VirtualPhoneProcess(tmp_path / "sandbox", profile="reference-12gb") as phone:
+        dev = AdbTcpDevice(f"127.0.0.1:{phone.port}")
+        facts = dev.facts()
+        dev.close()
+    assert facts.model == "Reference 12GB" and facts.soc == "SM8650"
+    assert facts.mem_total_bytes == 12288 * 2**20
+    assert facts.props["ro.edgedeploy.profile"] == "reference-12gb"

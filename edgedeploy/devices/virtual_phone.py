@@ -936,30 +936,18 @@ def _kill_tree(pid: int) -> None:
             p.kill()
 
 
-def serve(
-    sandbox: Path,
-    port: int,
-    props: dict[str, str] | None,
-    memory_budget_bytes: int | None,
-    auth_keys_file: Path | None = None,
-    allow_any_key: bool = False,
-    disk_bytes: int | None = None,
-    drop_after_bytes: int | None = None,
-    abi: str | None = None,
-    app_runner_dir: Path | None = None,
-) -> None:
+def serve(sandbox: Path, port: int, auth_keys_file: Path | None = None, allow_any_key: bool = False,
+          **phone_options: Any) -> None:
     """Run a virtual phone until SIGINT/SIGTERM; prints ``virtual phone listening on 127.0.0.1:PORT`` when ready.
 
     With ``auth_keys_file`` (``adb_keys`` format) clients must sign the AUTH token with one of its keys.
-    ``disk_bytes``, ``drop_after_bytes``, ``abi`` and ``app_runner_dir`` are passed to :class:`VirtualPhone`.
+    ``phone_options`` (props, memory_budget_bytes, disk_bytes, drop_after_bytes, abi, app_runner_dir) go to
+    :class:`VirtualPhone`.
     """
     keys: list[Any] | None = load_auth_keys(auth_keys_file) if auth_keys_file is not None else None
     if keys is None and allow_any_key:
         keys = []
-    phone = VirtualPhone(
-        Path(sandbox), port, props, memory_budget_bytes, keys, allow_any_key=allow_any_key,
-        disk_bytes=disk_bytes, drop_after_bytes=drop_after_bytes, abi=abi, app_runner_dir=app_runner_dir,
-    )  # fmt: skip
+    phone = VirtualPhone(Path(sandbox), port, auth_keys=keys, allow_any_key=allow_any_key, **phone_options)
     asyncio.run(phone.serve_forever())
 
 
@@ -992,10 +980,8 @@ def main(argv: list[str] | None = None) -> int:
         props[key] = value
     budget = args.budget_mb * 1024 * 1024 if args.budget_mb else None
     disk = int(args.disk_mb * 1024 * 1024) if args.disk_mb is not None else None
-    serve(
-        args.sandbox, args.port, props, budget, args.auth_keys, args.allow_any_key,
-        disk_bytes=disk, drop_after_bytes=args.drop_after_bytes, abi=args.abi, app_runner_dir=args.app_harness,
-    )  # fmt: skip
+    serve(args.sandbox, args.port, args.auth_keys, args.allow_any_key, props=props, memory_budget_bytes=budget,
+          disk_bytes=disk, drop_after_bytes=args.drop_after_bytes, abi=args.abi, app_runner_dir=args.app_harness)
     return 0
 
 
