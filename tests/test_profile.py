@@ -199,3 +199,18 @@ def test_virtual_phone_cli_serves_the_profile(tmp_path: Path) -> None:
     assert facts.model == "Reference 12GB" and facts.soc == "SM8650"
     assert facts.mem_total_bytes == 12288 * 2**20
     assert facts.props["ro.edgedeploy.profile"] == "reference-12gb"
+
+
+def test_gpu_memory_from_dumpsys_counts_in_the_peak(host_bundle: Path, phone: Phone, tmp_path: Path) -> None:
+    """On Adreno, OpenCL buffers are outside RSS; dumpsys meminfo's GL mtrack row counts them."""
+    dumpsys = phone.sandbox / "system/bin/dumpsys"
+    dumpsys.write_text("#!/bin/sh\necho ' GL mtrack    51200    51200        0        0'\necho ' Graphics:    51200'\n")
+    dumpsys.chmod(0o755)
+    out = tmp_path / "r"
+    assert main(["profile", str(host_bundle), "--device", f"tcp:127.0.0.1:{phone.port}", "--out", str(out),
+                 *FAST]) == 0
+    model = json.loads((out / "results.json").read_text())["models"][0]
+    runs = model["prompts"][0]["runs"]
+    assert all(r["gpu_peak_bytes"] == 50 * 2**20 for r in runs)
+    assert model["measured_peak_bytes"] == max(r["peak_rss_bytes"] for r in runs) + 50 * 2**20
+    assert "| GPU memory (GL mtrack) | 50.0 MiB |" in (out / "report.md").read_text()

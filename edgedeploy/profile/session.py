@@ -30,6 +30,7 @@ from edgedeploy.runtime.launch import parse_result, run_local, runner_args
 
 KILLED = 137
 SAMPLE_S = 0.1
+GPU_EVERY = 10
 #: Events for the CLI's progress display: (what, detail).
 Event = Callable[[str, str], None]
 
@@ -82,20 +83,35 @@ def _runner_script(runner: RunnerSpec, runner_dir: str, run_dir: str, bundle: st
     return (f"cd {q(run_dir)} || exit 97\n"
             f"{cmd} > result.json 2> stderr.txt &\n"
             "pid=$!\necho pid=$pid\n"
+            # GPU buffers (OpenCL on Adreno) are not in RSS: dumpsys meminfo's GL mtrack / Graphics rows
+            # count them. dumpsys is slow, so it runs every GPU_EVERY-th sample, and only where it exists.
+            "gpu=$(command -v dumpsys >/dev/null 2>&1 && echo 1); n=0\n"
             "while :; do\n"
             "  s=$(grep -E '^(VmRSS|VmHWM):' /proc/$pid/status 2>/dev/null | tr -s ' \\n' '  ')\n"
             "  [ -z \"$s\" ] && break\n"
             "  echo \"mem $s\"\n"
+            f"  if [ -n \"$gpu\" ] && [ $((n % {GPU_EVERY})) -eq 0 ]; then\n"
+            "    g=$(dumpsys meminfo $pid 2>/dev/null | grep -E '^ *(GL mtrack|Graphics):? ' | tr -s ' \\n' '  ')\n"
+            "    [ -n \"$g\" ] && echo \"gpu $g\"\n"
+            "  fi\n"
+            "  n=$((n + 1))\n"
             f"  sleep {SAMPLE_S}\n"
             "done\n"
             "wait $pid\necho rc=$?\n")
+
+
+def gpu_kb(line: str) -> int:
+    """The largest KB figure of dumpsys meminfo's ``GL mtrack`` / ``Graphics:`` rows in one sample line."""
+    return max((int(v) for v in re.findall(r"(?:GL mtrack|Graphics:?)\s+(\d+)", line)), default=0)
 
 
 def _parse_samples(stdout: str) -> tuple[int | None, list[dict[str, float]], int | None]:
     pid = rc = None
     timeline: list[dict[str, float]] = []
     for line in stdout.splitlines():
-        if line.startswith("pid="):
+        if line.startswith("gpu ") and timeline:
+            timeline[-1]["gpu_bytes"] = gpu_kb(line) * 1024
+        elif line.startswith("pid="):
             pid = int(line[4:])
         elif line.startswith("rc="):
             rc = int(line[3:])
@@ -134,7 +150,9 @@ def run_once(device: Device, runner: RunnerSpec, runner_dir: str, remote_bundle:
         err = device.run_args(["tail", "-n", "5", posixpath.join(run_dir, "stderr.txt")]).stdout.strip()
         record = {"exit_code": rc, "error": f"runner exited with code {rc} and no result"
                   + (f": {err.splitlines()[-1]}" if err else "")}
-    record.update(wall_s=wall, timeline=timeline[:: max(1, len(timeline) // 200)], device_pid=pid)
+    gpu = max((t.get("gpu_bytes", 0) for t in timeline), default=0)
+    record.update(wall_s=wall, timeline=timeline[:: max(1, len(timeline) // 200)], device_pid=pid,
+                  gpu_peak_bytes=gpu)
     if rc == KILLED:
         kill = lmkd_kill(device.run_args(["logcat", "-d"]).stdout, pid, since)
         last = max((s["rss_bytes"] for s in timeline), default=0)

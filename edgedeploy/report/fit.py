@@ -39,7 +39,9 @@ def evaluate(model: dict[str, Any], profile: DeviceProfile) -> dict[str, Any]:
                    dtype=m["dtype"], parameters=m["parameters"])
     runs = _all_runs(model)
     killed = next((r for r in runs if r.get("killed")), None)
-    peaks = [r["peak_rss_bytes"] for r in runs if r.get("peak_rss_bytes") and not r.get("error")]
+    # A GPU backend's buffers live outside RSS (dumpsys meminfo's GL mtrack): the peak counts both.
+    peaks = [r["peak_rss_bytes"] + r.get("gpu_peak_bytes", 0) for r in runs
+             if r.get("peak_rss_bytes") and not r.get("error")]
     measured = max(peaks) if peaks else (killed["killed"]["killed_at_bytes"] if killed else None)
     checks = []
 
@@ -134,7 +136,8 @@ def _model_rows(model: dict[str, Any]) -> list[tuple[str, str]]:
         ("weights", _mib(m["weights_bytes"])),
         ("context / prefill chunk", f"{m['context_window']} / {m['prefill_chunk']}"),
         ("predicted peak", _mib(est.get("peak_bytes"))),
-        ("measured peak (VmHWM)", _mib(model.get("measured_peak_bytes"))),
+        ("measured peak (VmHWM + GPU)", _mib(model.get("measured_peak_bytes"))),
+        ("GPU memory (GL mtrack)", _mib(max((r.get("gpu_peak_bytes", 0) for r in _all_runs(model)), default=0))),
         ("prediction error", "n/a" if model.get("peak_error_pct") is None else f"{model['peak_error_pct']:+.1f}%"),
         ("budget / headroom", f"{_mib(model.get('budget_bytes'))} / {_mib(model.get('headroom_bytes'))}"),
         ("device", f"{dev.get('manufacturer', '')} {dev.get('model', '')} ({dev.get('serial', '')}, "
