@@ -36,6 +36,9 @@ _SESSION: dict[str, object] = {}
 def host_runner_build(tmp_path_factory: pytest.TempPathFactory) -> native.RunnerBuild:
     """The runner and, when a JDK is there, the JNI bridge, built once for the host."""
     if "runner" not in _SESSION:
+        for tool, pkg in (("cmake", "cmake"), ("g++", "g++")):
+            if not shutil.which(tool):
+                pytest.skip(f"{tool} not installed (Debian package {pkg}; CI installs it from .ci/apt-packages.txt)")
         jni = shutil.which("javac") is not None
         _SESSION["runner"] = native.build_host_runner(tmp_path_factory.mktemp("native-host"), jni=jni)
     return _SESSION["runner"]  # type: ignore[return-value]
@@ -177,7 +180,7 @@ def test_host_native_usage_and_bad_library(family_bundles: dict[str, Path], host
 # -- aarch64 Linux under qemu-user --------------------------------------------------------------------
 
 def _aarch64_tools_missing() -> str | None:
-    for tool, pkg in ((native.AARCH64_CXX, "g++-aarch64-linux-gnu"), ("qemu-aarch64", "qemu-user")):
+    for tool, pkg in (("cmake", "cmake"), (native.AARCH64_CXX, "g++-aarch64-linux-gnu"), ("qemu-aarch64", "qemu-user")):
         if not shutil.which(tool):
             return f"{tool} not installed (Debian package {pkg}; CI installs it from .ci/apt-packages.txt)"
     if not Path(native.AARCH64_SYSROOT, "lib", "ld-linux-aarch64.so.1").exists():

@@ -4,6 +4,7 @@ build on a virtual phone of this host's ABI, and the refusals when bundle target
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from .test_native_runner import _aarch64_tools_missing, host_runner_build  # noq
 from .test_virtual_phone import REPO_ROOT, Phone
 
 FAST = ["--prompts", "chat-short", "--runs", "1", "--warmup", "0"]
+needs_cmake = pytest.mark.skipif(shutil.which("cmake") is None,
+                                 reason="cmake not installed (Debian package cmake; CI installs it)")
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +54,7 @@ def test_aarch64_runner_on_arm64_virtual_phone(aarch64_bundle: Path, host_bundle
     assert leftovers == []  # runner, linked model.so and bundle removed without --keep
 
 
+@needs_cmake
 def test_host_native_runner_on_virtual_phone(host_bundle: Path, tmp_path: Path, capsys) -> None:
     phone = Phone(tmp_path / "sandbox")
     try:
@@ -82,6 +86,7 @@ def test_target_and_device_must_match(host_bundle: Path, aarch64_bundle: Path, t
         x86.stop()
 
 
+@needs_cmake
 def test_package_host_runner_and_android_errors(tmp_path: Path, capsys) -> None:
     assert main(["package", "--abi", "host", "--out", str(tmp_path / "host")]) == 0
     names = {p.name for p in (tmp_path / "host").iterdir() if p.is_file()}
