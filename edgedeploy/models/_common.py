@@ -155,20 +155,36 @@ def export_spec(cfg: ModelConfig) -> dict[str, Any]:
 
 
 class CausalLMBase(nn.Module):
-    """Entry points shared by the families; subclasses provide ``embed_tokens``, ``body`` and ``head``."""
+    """Entry points shared by the families.
+
+    A subclass calls :meth:`_setup` with its backbone class, whose instance (``self.model``) holds
+    ``embed_tokens``, ``layers`` and a final norm named by :attr:`final_norm` (the checkpoint's name).
+    """
 
     cfg: ModelConfig
     dtype: str
     target: Target
+    final_norm = "norm"
+
+    def _setup(self, cfg: ModelConfig, dtype: str, target: Target, backbone: type) -> None:
+        self.cfg, self.dtype, self.target = cfg, check_dtype(dtype), target
+        self.model = backbone(cfg, dtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias, dtype=dtype,
+                                  out_dtype="float32")
 
     def embed(self, input_ids: nn.Tensor) -> nn.Tensor:
-        raise NotImplementedError
+        return self.model.embed_tokens(input_ids)
 
     def body(self, hidden: nn.Tensor, paged_kv_cache: PagedKVCache) -> nn.Tensor:
-        raise NotImplementedError
+        for layer in self.model.layers:
+            hidden = layer(hidden, paged_kv_cache)
+        return getattr(self.model, self.final_norm)(hidden)
 
     def head(self, hidden: nn.Tensor) -> nn.Tensor:
-        raise NotImplementedError
+        if self.cfg.tie_word_embeddings:
+            return project(hidden, self.model.embed_tokens.weight, None, "float32")
+        return self.lm_head(hidden)
 
     def _forward(self, input_ids: nn.Tensor, paged_kv_cache: PagedKVCache) -> nn.Tensor:
         b, s = input_ids.shape

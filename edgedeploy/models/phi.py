@@ -13,7 +13,7 @@ from tvm.target import Target
 
 from edgedeploy.checkpoint.config import ModelConfig
 from edgedeploy.errors import InputError
-from edgedeploy.models._common import CausalLMBase, Linear, WeightSource, check_dtype, fused, project, single
+from edgedeploy.models._common import CausalLMBase, Linear, WeightSource, fused, single
 from edgedeploy.models.llama import _act
 
 
@@ -63,27 +63,12 @@ class PhiModel(nn.Module):
 class PhiForCausalLM(CausalLMBase):
     """Phi graph; parameter names follow Hugging Face's ``PhiForCausalLM`` except the fused qkv."""
 
+    final_norm = "final_layernorm"
+
     def __init__(self, cfg: ModelConfig, dtype: str, target: Target):
         if cfg.norm != "layer":
             raise InputError(f"{cfg.architecture}: the Phi graph needs LayerNorm, config says {cfg.norm!r}")
-        self.cfg, self.dtype, self.target = cfg, check_dtype(dtype), target
-        self.model = PhiModel(cfg, dtype)
-        if not cfg.tie_word_embeddings:
-            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias, dtype=dtype,
-                                  out_dtype="float32")
-
-    def embed(self, input_ids: nn.Tensor) -> nn.Tensor:
-        return self.model.embed_tokens(input_ids)
-
-    def body(self, hidden: nn.Tensor, paged_kv_cache: PagedKVCache) -> nn.Tensor:
-        for layer in self.model.layers:
-            hidden = layer(hidden, paged_kv_cache)
-        return self.model.final_layernorm(hidden)
-
-    def head(self, hidden: nn.Tensor) -> nn.Tensor:
-        if self.cfg.tie_word_embeddings:
-            return project(hidden, self.model.embed_tokens.weight, None, "float32")
-        return self.lm_head(hidden)
+        self._setup(cfg, dtype, target, PhiModel)
 
 
 def weight_map(cfg: ModelConfig) -> dict[str, WeightSource]:
