@@ -47,7 +47,7 @@ def test_profile_virtual_phone_pass(host_bundle: Path, phone: Phone, tmp_path: P
     assert len(doc["runs"]) == 2 and len(doc["warmup"]) == 1
     assert doc["summary"]["decode_tok_s"]["n"] == 2
     run = doc["runs"][0]
-    assert run["peak_rss_bytes"] >= max(s["rss_bytes"] for s in run["timeline"])
+    assert run["peak_rss_bytes"] >= max(s["rss_bytes"] for s in run["timeline"]) > 0
     touched = [r["kv_touched"] for p in model["prompts"] for r in p["warmup"] + p["runs"]]
     assert touched == [True] + [False] * (len(touched) - 1)  # the first run of the model writes the KV cache
     assert model["measured_peak_bytes"] == max(r["peak_rss_bytes"] for p in model["prompts"]

@@ -1,20 +1,21 @@
 """``edgedeploy build``: checkpoint -> bundle folder (library, tensor-cache weights, tokenizer, manifest).
 
-The bundle is assembled in a sibling ``*.partial`` folder and renamed into place only when complete,
-so a failed or interrupted build never leaves a half-written bundle where a runner would find it.
+The bundle is assembled in a sibling ``.NAME.partial-*`` folder and renamed into place only when complete
+(:mod:`edgedeploy.bundle.install`), so a failed or killed build never leaves a half-written bundle where a
+runner would find it, and only a folder that is provably a bundle is ever replaced.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from edgedeploy.bundle import MANIFEST, Manifest, write_manifest
+from edgedeploy.bundle import Manifest, write_manifest
+from edgedeploy.bundle.install import Partial, check_replaceable, install, recover
 from edgedeploy.checkpoint.intake import Checkpoint, open_checkpoint
 from edgedeploy.errors import EdgeDeployError, InputError
 
@@ -70,24 +71,6 @@ def _check_sizes(ck: Checkpoint, context: int, chunk: int) -> None:
         raise InputError(f"--context {context} exceeds the model's context length ({ck.config.context_length})")
 
 
-def _prepare_out(out_dir: Path) -> Path:
-    if out_dir.exists() and not (out_dir / MANIFEST).is_file() and any(out_dir.iterdir()):
-        raise InputError(f"{out_dir}: exists and is not a bundle; choose another --out")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
-
-
-def _swap_in(partial: Path, out_dir: Path) -> None:
-    """Replace ``out_dir`` by ``partial``; the old bundle is deleted only after the new one is in place."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{int(time.time() * 1000)}")
-        out_dir.rename(old)
-    partial.rename(out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def build_bundle(model_dir: Path | str, out_dir: Path | str, target: str = "host", dtype: str = "float16",
                  context_window: int | None = None, prefill_chunk: int | None = None,
                  progress: Progress = _no_progress) -> Manifest:
@@ -114,7 +97,11 @@ def build_bundle(model_dir: Path | str, out_dir: Path | str, target: str = "host
     chunk = prefill_chunk or min(DEFAULT_PREFILL_CHUNK, context)
     _check_sizes(ck, context, chunk)
 
-    partial = _prepare_out(out_dir)
+    # Refuse a folder we may not replace before spending minutes on the build (install checks again).
+    recover(out_dir)
+    check_replaceable(out_dir)
+    work = Partial(out_dir)
+    partial = work.path
     try:
         progress("compile", 0, 1)
         library = f"model{spec.library_suffix}"
@@ -144,10 +131,10 @@ def build_bundle(model_dir: Path | str, out_dir: Path | str, target: str = "host
         progress("manifest", 0, 1)
         write_manifest(partial, manifest)
         progress("manifest", 1, 1)
-        _swap_in(partial, out_dir)
+        install(work, out_dir)
         return manifest
     except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+        work.discard()
         raise
 
 

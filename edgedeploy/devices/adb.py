@@ -12,7 +12,15 @@ import socket
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from edgedeploy.devices.base import ByteProgress, ConnectionLost, Device, DeviceError, RemoteStat, ShellResult
+from edgedeploy.devices.base import (
+    TIMEOUT_EXIT,
+    ByteProgress,
+    ConnectionLost,
+    Device,
+    DeviceError,
+    RemoteStat,
+    ShellResult,
+)
 
 DEFAULT_SERVER = ("127.0.0.1", 5037)
 #: adb-shell speaks only shell v1, which loses the exit code; this marker carries it on the last line.
@@ -101,8 +109,14 @@ class AdbServerDevice(Device):
         self._resolve()
 
     def shell(self, command: str, timeout: float | None = None) -> ShellResult:
+        import adbutils
+
         try:
             r = self.dev.shell2(command, timeout=timeout, v2=True)
+        except (adbutils.AdbTimeout, TimeoutError) as e:
+            if timeout is None:
+                raise ConnectionLost(f"{self.serial}: shell stopped answering: {e}") from None
+            return _timed_out(self, timeout)
         except self._errors as e:
             raise ConnectionLost(f"{self.serial}: shell failed: {e}") from None
         return ShellResult(r.returncode, r.stdout or r.output or "", r.stderr or "")
@@ -181,8 +195,14 @@ class AdbTcpDevice(Device):
         # stderr is folded into stdout by the v1 shell service; the exit code rides on the last line.
         # Keep $? before the separating echo overwrites it.
         wrapped = f"{command}\n__edgedeploy_rc=$?; echo; echo {_RC_MARKER}$__edgedeploy_rc"
+        from adb_shell.exceptions import AdbTimeoutError, TcpTimeoutException
+
         try:
             out = self._dev.shell(wrapped, timeout_s=timeout, read_timeout_s=timeout or self._timeout)
+        except (AdbTimeoutError, TcpTimeoutException, TimeoutError) as e:
+            if timeout is None:
+                raise ConnectionLost(f"{self.serial}: shell stopped answering: {e}") from None
+            return _timed_out(self, timeout)
         except self._errors() as e:
             raise ConnectionLost(f"{self.serial}: shell failed: {e}") from None
         head, sep, tail = out.rpartition(_RC_MARKER)
@@ -231,6 +251,15 @@ class AdbTcpDevice(Device):
                 self._dev.close()
             except Exception:  # noqa: BLE001 - closing a dead connection must not mask the real error
                 pass
+
+
+def _timed_out(device: Device, timeout: float) -> ShellResult:
+    """The shared answer to a shell that ran past its timeout: its stream is abandoned, so reconnect."""
+    try:
+        device.reconnect()
+    except DeviceError:
+        pass  # the next command reports the device's state
+    return ShellResult(TIMEOUT_EXIT, "", f"timed out after {timeout:g} s")
 
 
 def _raise_transfer(serial: str, verb: str, remote: str, e: BaseException) -> None:

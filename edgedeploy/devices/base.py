@@ -17,6 +17,9 @@ from typing import Any
 
 from edgedeploy.errors import EdgeDeployError
 
+#: The exit code every backend gives a shell command that ran past its timeout (as coreutils' timeout).
+TIMEOUT_EXIT = 124
+
 #: Called with the number of bytes sent so far.
 ByteProgress = Callable[[int], None]
 
@@ -103,7 +106,11 @@ class Device(ABC):
 
     @abstractmethod
     def shell(self, command: str, timeout: float | None = None) -> ShellResult:
-        """Run ``command`` with the device's shell; the exit code is the command's."""
+        """Run ``command`` with the device's shell; the exit code is the command's.
+
+        Past ``timeout`` seconds every backend returns exit code :data:`TIMEOUT_EXIT` (never raises),
+        with whatever output it could keep, and leaves the transport usable.
+        """
 
     @abstractmethod
     def push(self, local: Path, remote: str, progress: ByteProgress | None = None) -> None:

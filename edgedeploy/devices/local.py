@@ -10,7 +10,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-from edgedeploy.devices.base import ByteProgress, Device, DeviceFacts, RemoteStat, ShellResult, parse_meminfo
+from edgedeploy.devices.base import (
+    TIMEOUT_EXIT,
+    ByteProgress,
+    Device,
+    DeviceFacts,
+    RemoteStat,
+    ShellResult,
+    parse_meminfo,
+)
 
 
 class LocalDevice(Device):
@@ -31,7 +39,7 @@ class LocalDevice(Device):
         try:
             p = subprocess.run(["/bin/sh", "-c", command], capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired as e:
-            return ShellResult(124, str(e.stdout or ""), f"timed out after {timeout} s")
+            return ShellResult(TIMEOUT_EXIT, str(e.stdout or ""), f"timed out after {timeout} s")
         return ShellResult(p.returncode, p.stdout, p.stderr)
 
     def push(self, local: Path, remote: str, progress: ByteProgress | None = None) -> None:

@@ -9,6 +9,7 @@ timeline is what is left when the runner is killed for memory (exit 137) and can
 from __future__ import annotations
 
 import json
+import math
 import posixpath
 import re
 import shlex
@@ -21,14 +22,16 @@ from pathlib import Path
 from typing import Any
 
 from edgedeploy.bundle import Manifest, read_manifest
-from edgedeploy.devices.base import Device, DeviceError
+from edgedeploy.devices.base import TIMEOUT_EXIT, Device, DeviceError
 from edgedeploy.profile import app_harness
 from edgedeploy.profile.prompts import PromptSpec, TokenizedPrompt, tokenize_prompt
-from edgedeploy.profile.push import PushProgress, local_files, push_bundle, push_files
+from edgedeploy.profile.push import PushProgress, local_files, push_bundle, push_files, remove_pushed
 from edgedeploy.profile.runners import RunnerSpec, select_runner
 from edgedeploy.runtime.launch import parse_result, run_local, runner_args
 
 KILLED = 137
+#: How much longer than --timeout the transport waits for the shell before it gives up on it.
+TRANSPORT_GRACE_S = 30.0
 SAMPLE_S = 0.1
 GPU_EVERY = 10
 #: Events for the CLI's progress display: (what, detail).
@@ -74,8 +77,9 @@ def device_clock(device: Device) -> str:
 
 
 def _runner_script(runner: RunnerSpec, runner_dir: str, run_dir: str, bundle: str, prompt: str,
-                   threads: int | None, touch_kv: bool) -> str:
-    # The host verified every file against the manifest when it pushed them.
+                   threads: int | None, touch_kv: bool, timeout: float) -> str:
+    # The push verified every file on the device against the manifest just before (and re-hashed any
+    # that changed since it was recorded); the runner still checks names, sizes and the weights index.
     args = [*runner.command(runner_dir), *runner_args(bundle, prompt, None, threads, touch_kv, verify=False)]
     q = shlex.quote
     cmd = " ".join(q(a) for a in args)
@@ -85,7 +89,7 @@ def _runner_script(runner: RunnerSpec, runner_dir: str, run_dir: str, bundle: st
             "pid=$!\necho pid=$pid\n"
             # GPU buffers (OpenCL on Adreno) are not in RSS: dumpsys meminfo's GL mtrack / Graphics rows
             # count them. dumpsys is slow, so it runs every GPU_EVERY-th sample, and only where it exists.
-            "gpu=$(command -v dumpsys >/dev/null 2>&1 && echo 1); n=0\n"
+            "gpu=$(command -v dumpsys >/dev/null 2>&1 && echo 1); n=0; to=; start=$(date +%s)\n"
             "while :; do\n"
             "  s=$(grep -E '^(VmRSS|VmHWM):' /proc/$pid/status 2>/dev/null | tr -s ' \\n' '  ')\n"
             "  [ -z \"$s\" ] && break\n"
@@ -95,6 +99,13 @@ def _runner_script(runner: RunnerSpec, runner_dir: str, run_dir: str, bundle: st
             "    [ -n \"$g\" ] && echo \"gpu $g\"\n"
             "  fi\n"
             "  n=$((n + 1))\n"
+            # The timeout is kept on the device, so every backend ends a slow run alike and the samples
+            # taken so far come back (a transport timeout would lose them).
+            # n samples took at least n * SAMPLE_S seconds, so that bound never ends a run early.
+            f"  if [ -z \"$to\" ] && {{ [ $n -ge {math.ceil(timeout / SAMPLE_S)} ] ||"
+            f" [ $(($(date +%s) - start)) -gt {math.ceil(timeout)} ]; }}; then\n"
+            "    kill -9 $pid; echo timeout=1; to=1\n"
+            "  fi\n"
             f"  sleep {SAMPLE_S}\n"
             "done\n"
             "wait $pid\necho rc=$?\n")
@@ -116,7 +127,7 @@ def _parse_samples(stdout: str) -> tuple[int | None, list[dict[str, float]], int
         elif line.startswith("rc="):
             rc = int(line[3:])
         elif line.startswith("mem "):
-            nums = dict(re.findall(r"(VmRSS|VmHWM): (\d+) kB", line))
+            nums = dict(re.findall(r"(VmRSS|VmHWM):\s*(\d+) kB", line))
             timeline.append({"t_s": round(len(timeline) * SAMPLE_S, 3),
                              "rss_bytes": int(nums.get("VmRSS", 0)) * 1024,
                              "hwm_bytes": int(nums.get("VmHWM", 0)) * 1024})
@@ -134,15 +145,17 @@ def run_once(device: Device, runner: RunnerSpec, runner_dir: str, remote_bundle:
     device.run_args(["rm", "-f", posixpath.join(run_dir, "result.json"), posixpath.join(run_dir, "stderr.txt")])
     since = device_clock(device)
     t0 = time.perf_counter()
+    # The transport's own timeout is only a backstop for a shell that stops answering.
     shell = device.shell(_runner_script(runner, runner_dir, run_dir, remote_bundle, remote_prompt, threads,
-                                        touch_kv), timeout=timeout)
+                                        touch_kv, timeout), timeout=timeout + TRANSPORT_GRACE_S)
     wall = time.perf_counter() - t0
     pid, timeline, rc = _parse_samples(shell.stdout)
+    timed_out = "timeout=1" in shell.stdout.splitlines() or (rc is None and shell.exit_code == TIMEOUT_EXIT)
     if rc is None:
         # The shell itself died (killed with its child, or timed out): end whatever it left behind.
         if pid:
             device.run_args(["kill", "-9", str(pid)])
-        rc = shell.exit_code if shell.exit_code else 124
+        rc = shell.exit_code if shell.exit_code else TIMEOUT_EXIT
     out = device.run_args(["cat", posixpath.join(run_dir, "result.json")]).stdout
     try:
         record = parse_result(out, rc)
@@ -153,7 +166,12 @@ def run_once(device: Device, runner: RunnerSpec, runner_dir: str, remote_bundle:
     gpu = max((t.get("gpu_bytes", 0) for t in timeline), default=0)
     record.update(wall_s=wall, timeline=timeline[:: max(1, len(timeline) // 200)], device_pid=pid,
                   gpu_peak_bytes=gpu)
-    if rc == KILLED:
+    if timed_out:
+        last = max((s["rss_bytes"] for s in timeline), default=0)
+        record.update(exit_code=TIMEOUT_EXIT, timed_out=True, last_rss_bytes=last,
+                      error=f"timed out after {timeout:g} s (--timeout); last RSS {last / 2**20:,.0f} MiB, "
+                            f"{len(timeline)} memory samples kept")
+    elif rc == KILLED:
         kill = lmkd_kill(device.run_args(["logcat", "-d"]).stdout, pid, since)
         last = max((s["rss_bytes"] for s in timeline), default=0)
         record["killed"] = {"signal": "SIGKILL", "last_rss_bytes": last,
@@ -166,14 +184,15 @@ def profile_bundle(device: Device, bundle_dir: Path, prompts: list[PromptSpec], 
                    cooldown_s: float = 0.0, threads: int | None = None, touch_kv: bool = True, keep: bool = False,
                    reference: Path | None = None, timeout: float = 900.0, push_progress: PushProgress | None = None,
                    event: Event = _no_event, runner: str = "auto", runner_dir: Path | None = None,
-                   ndk: Path | None = None, harness: str = "shell") -> dict[str, Any]:
+                   ndk: Path | None = None, harness: str = "shell", reverify: bool = False) -> dict[str, Any]:
     """Push ``bundle_dir``, run every prompt ``warmup`` + ``runs`` times, return the raw measurements.
 
     ``reference`` is a host bundle of the same model whose tokens the device must reproduce (default:
     the bundle itself when it is a host build). Files and processes started on the device are removed
     at the end unless ``keep``. ``runner`` is ``auto``, ``python`` or ``native``; ``runner_dir`` and ``ndk``
     are for Android bundles (see :mod:`edgedeploy.profile.runners`). ``harness="app"`` runs through the
-    harness app (:mod:`edgedeploy.profile.app_harness`) instead of a shell process.
+    harness app (:mod:`edgedeploy.profile.app_harness`) instead of a shell process. Files already on the
+    device are re-hashed there when they changed since they were verified, or all of them with ``reverify``.
     """
     from tokenizers import Tokenizer
 
@@ -190,10 +209,14 @@ def profile_bundle(device: Device, bundle_dir: Path, prompts: list[PromptSpec], 
     run_dir = posixpath.join(device.work_dir, "runs", uuid.uuid4().hex[:12])
     event("push", f"{bundle_dir} -> {device.serial}:{remote_bundle}")
     try:
-        stats = push_bundle(device, bundle_dir, remote_bundle, progress=push_progress, extra=runner_spec.bundle_extra)
+        stats = push_bundle(device, bundle_dir, remote_bundle, progress=push_progress, extra=runner_spec.bundle_extra,
+                            rehash=reverify)
+        if stats.changed_on_device:
+            event("push", f"changed on the device since they were verified, sent again: "
+                          f"{', '.join(stats.changed_on_device)}")
         if runner_spec.files:
             event("push", f"{runner_spec.kind} runner ({runner_spec.elf_machine}) -> {device.serial}:{remote_runner}")
-            push_files(device, local_files(runner_spec.files), remote_runner)
+            push_files(device, local_files(runner_spec.files), remote_runner, rehash=reverify)
             device.run_args(["chmod", "755", *(posixpath.join(remote_runner, n) for n in runner_spec.files)])
         device.mkdir(run_dir)
         tok_path = bundle_dir / "tokenizer.json"
@@ -220,8 +243,8 @@ def profile_bundle(device: Device, bundle_dir: Path, prompts: list[PromptSpec], 
                                touch_pending, timeout)
                 touch_pending = False
                 entry[kind].append(rec)
-                if rec.get("killed"):
-                    break  # the next run would be killed the same way; the report needs one
+                if rec.get("killed") or rec.get("timed_out"):
+                    break  # the next run would end the same way; the report needs one
                 if cooldown_s and i + 1 < warmup + runs:
                     time.sleep(cooldown_s)
             entry["summary"] = _run_summary(entry["runs"] or entry["warmup"])
@@ -233,9 +256,9 @@ def profile_bundle(device: Device, bundle_dir: Path, prompts: list[PromptSpec], 
         link_tmp.cleanup()
         if not keep:
             device.remove(run_dir)
-            device.remove(remote_bundle)
+            remove_pushed(device, remote_bundle)
             if runner_spec.files:
-                device.remove(remote_runner)
+                remove_pushed(device, remote_runner)
             if app:
                 device.remove(posixpath.join(app_harness.APP_FILES, "prompt.json"))
     return {"bundle": str(bundle_dir), "model": bundle_dir.resolve().name, "manifest": _manifest_fields(manifest),

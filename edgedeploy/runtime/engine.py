@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from edgedeploy.bundle import Manifest
 from edgedeploy.errors import EdgeDeployError, InputError
 from edgedeploy.fileio import pread_exact
 
@@ -73,8 +74,11 @@ class Engine:
 
     SEQ_ID = 0
 
-    def __init__(self, bundle_dir: Path | str, library_file: str | Path, threads: int | None = None):
+    def __init__(self, bundle_dir: Path | str, library_file: str | Path, threads: int | None = None,
+                 manifest: Manifest | None = None):
         self.bundle_dir = Path(bundle_dir)
+        #: The bundle's manifest (read when loading if not given): it says which files may be read.
+        self.manifest = manifest
         lib = Path(library_file)
         self.library_path = lib if lib.is_absolute() else self.bundle_dir / lib
         self.threads = threads
@@ -125,33 +129,30 @@ class Engine:
         return self.load_s
 
     def _load_params(self, dev: Any) -> list[Any]:
-        cache_json = self.bundle_dir / "tensor-cache.json"
-        if not cache_json.is_file():
-            cache_json = self.bundle_dir / "ndarray-cache.json"
-        if not cache_json.is_file():
-            raise InputError(f"{self.bundle_dir}: no tensor-cache.json (weights) in the bundle")
-        records: dict[str, tuple[str, dict[str, Any]]] = {}
-        for shard in json.loads(cache_json.read_text())["records"]:
-            for rec in shard["records"]:
-                records[rec["name"]] = (shard["dataPath"], rec)
+        from edgedeploy.bundle import read_manifest, read_weights_index
+
+        # Only shards the manifest lists are opened (the index itself is one of its files).
+        manifest = self.manifest or read_manifest(self.bundle_dir)
+        records = read_weights_index(self.bundle_dir, manifest)
+        where = manifest.weights_index
         out = []
         fds: dict[str, int] = {}
         try:
             for p in self.metadata["params"]:
                 name = p["name"]
                 if name not in records:
-                    raise InputError(f"{cache_json}: weights lack parameter {name!r}")
-                path, rec = records[name]
-                if rec["shape"] != p["shape"] or rec["dtype"] != p["dtype"] or rec.get("format", "raw") != "raw":
-                    raise InputError(f"{cache_json}: {name} is {rec['dtype']}{rec['shape']}, the library expects "
+                    raise InputError(f"{where}: weights lack parameter {name!r}")
+                rec = records[name]
+                if list(rec.shape) != p["shape"] or rec.dtype != p["dtype"] or rec.format != "raw":
+                    raise InputError(f"{where}: {name} is {rec.dtype}{list(rec.shape)}, the library expects "
                                      f"{p['dtype']}{p['shape']}")
                 arr = tvm.runtime.empty(tuple(p["shape"]), p["dtype"], dev)
                 nbytes = int(np.prod(p["shape"], dtype=np.int64)) * np.dtype(p["dtype"]).itemsize
-                if nbytes != rec["nbytes"]:
-                    raise InputError(f"{cache_json}: {name} has {rec['nbytes']} bytes, expected {nbytes}")
-                if path not in fds:
-                    fds[path] = os.open(self.bundle_dir / path, os.O_RDONLY)
-                _pread_into(fds[path], arr.data_ptr(), nbytes, rec["byteOffset"])
+                if nbytes != rec.nbytes:
+                    raise InputError(f"{where}: {name} has {rec.nbytes} bytes, expected {nbytes}")
+                if rec.shard not in fds:
+                    fds[rec.shard] = os.open(self.bundle_dir / rec.shard, os.O_RDONLY | os.O_NOFOLLOW)
+                _pread_into(fds[rec.shard], arr.data_ptr(), nbytes, rec.offset)
                 out.append(arr)
         finally:
             for fd in fds.values():

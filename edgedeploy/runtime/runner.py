@@ -54,15 +54,22 @@ def memory_fields() -> dict[str, int]:
 
 def read_prompt_file(path: Path) -> dict[str, Any]:
     """Parse a prompt file into ``{"token_ids": [...], ...}``; InputError with the reason."""
+    from edgedeploy.bundle import is_int
     from edgedeploy.errors import InputError
     from edgedeploy.fileio import read_json
+
+    def id_list(value: object) -> bool:
+        return isinstance(value, list) and all(is_int(t) and 0 <= t < 2**31 for t in value)
 
     data = read_json(path, "prompt file")
     if isinstance(data, list):
         data = {"token_ids": data}
-    ids = data.get("token_ids") if isinstance(data, dict) else None
-    if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and t >= 0 for t in ids):
+    if not isinstance(data, dict) or not data.get("token_ids") or not id_list(data["token_ids"]):
         raise InputError(f"{path}: 'token_ids' must be a non-empty list of non-negative integers")
+    if "max_new_tokens" in data and not (is_int(data["max_new_tokens"]) and data["max_new_tokens"] >= 0):
+        raise InputError(f"{path}: 'max_new_tokens' must be a non-negative integer")
+    if "stop_token_ids" in data and not id_list(data["stop_token_ids"]):
+        raise InputError(f"{path}: 'stop_token_ids' must be a list of non-negative integers")
     return data
 
 
@@ -86,14 +93,15 @@ def run(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
 
     try:
         manifest = read_manifest(args.bundle)
-        if not args.no_verify:
-            verify_bundle(args.bundle, manifest)
+        # Sizes, names and the weights index are always checked; --no-verify skips only the re-hash of a
+        # device copy that the profiler checked against the manifest just before this run.
+        verify_bundle(args.bundle, manifest, hashes=not args.no_verify, allowed=manifest.derived_files())
         # The FP16 figure doubles for FP32 bundles.
         kv_per_token = ModelConfig.from_dict(manifest.config).kv_bytes_per_token * (2 if manifest.dtype == "float32"
                                                                                     else 1)
         result.update(target=manifest.target, dtype=manifest.dtype, context_window=manifest.context_window,
                       kv_bytes_per_token=kv_per_token)
-        engine = Engine(args.bundle, manifest.library, threads=args.threads)
+        engine = Engine(args.bundle, manifest.library, threads=args.threads, manifest=manifest)
         engine.load()
         if args.touch_kv:
             engine.touch_kv_cache()
@@ -122,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="CPU threads for the TVM runtime (default: all cores)")
     p.add_argument("--touch-kv", action="store_true", help="write the whole KV cache once after loading, "
                    "so the peak includes the full context window")
-    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle's files")
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 re-hash of the bundle's files "
+                   "(names, sizes and the weights index are still checked)")
     return p
 
 

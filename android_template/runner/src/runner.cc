@@ -7,6 +7,7 @@
 // engine does), so the peak RSS is weights + KV cache + activations, never a second copy of a shard.
 #include "runner.h"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -219,10 +220,43 @@ bool EndsWith(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
+// A file name from a manifest or weights index must stay inside the bundle: relative, no "." or ".."
+// component, no backslash or control character (edgedeploy.bundle.safe_relative_name's rules).
+std::string SafeName(const std::string& name, const std::string& where) {
+  bool ok = !name.empty() && name[0] != '/' && name.size() <= 1024;
+  for (char c : name) ok = ok && c != '\\' && static_cast<unsigned char>(c) >= 32 && c != 0x7f;
+  std::stringstream parts(name);
+  std::string part;
+  while (ok && std::getline(parts, part, '/')) ok = !part.empty() && part != "." && part != ".." && part.size() <= 255;
+  if (!ok || name.back() == '/') throw InputError(where + ": file name '" + name + "' is not a plain relative name inside the folder");
+  return name;
+}
+
+// Every entry below `dir` (relative names), links not followed.
+void ListTree(const std::string& root, const std::string& rel, std::map<std::string, mode_t>* out) {
+  std::string dir = rel.empty() ? root : JoinPath(root, rel);
+  DIR* d = opendir(dir.c_str());
+  if (!d) throw InputError(dir + ": cannot list (" + std::strerror(errno) + ")");
+  std::vector<std::string> subdirs;
+  while (dirent* e = readdir(d)) {
+    std::string name = e->d_name;
+    if (name == "." || name == "..") continue;
+    std::string child = rel.empty() ? name : rel + "/" + name;
+    struct stat st {};
+    if (lstat(JoinPath(root, child).c_str(), &st) != 0) continue;
+    (*out)[child] = st.st_mode;
+    if (S_ISDIR(st.st_mode)) subdirs.push_back(child);
+    if (out->size() > 100000) break;
+  }
+  closedir(d);
+  for (const auto& sub : subdirs) ListTree(root, sub, out);
+}
+
 // ---- the bundle ------------------------------------------------------------------------------------
 
 struct Manifest {
   std::string target, dtype, library, weights_index;
+  std::set<std::string> files;  // what bundle.json lists: the only files the runner may read
   int64_t context_window = 0, kv_bytes_per_token = 0;
   std::vector<int64_t> stop_token_ids;
 };
@@ -250,19 +284,36 @@ Manifest ReadManifest(const std::string& bundle, bool verify) {
   man.kv_bytes_per_token = 2 * AsInt(Need(cfg, "num_layers", path), "num_layers") *
                            AsInt(Need(cfg, "num_kv_heads", path), "num_kv_heads") *
                            AsInt(Need(cfg, "head_dim", path), "head_dim") * 2 * (man.dtype == "float32" ? 2 : 1);
-  if (verify) {
-    // Existence and size only: the sha256 check is the host's job before it pushes (the Python
-    // runner does it too, unless --no-verify).
-    if (auto files = Find(m, "files")) {
-      for (const auto& kv : AsObj(*files, path + ": files")) {
-        std::string rel = AsStr(kv.first, "file name");
-        int64_t size = -1;
-        if (!IsFile(JoinPath(bundle, rel), &size)) throw InputError(bundle + ": file " + rel + " is missing from the bundle");
-        auto want = Find(AsObj(kv.second, rel), "bytes");
-        if (want && want->as<int64_t>() != std::optional<int64_t>(size)) {
-          throw InputError(bundle + ": file " + rel + " was altered (size differs from bundle.json)");
-        }
-      }
+  // Names, existence and sizes always; sha256 is the host's job (the push verifies every file on the
+  // device, and re-hashes any that changed since), so `verify` has nothing more to add here.
+  (void)verify;
+  for (const auto& kv : AsObj(Need(m, "files", path), path + ": files")) {
+    std::string rel = SafeName(AsStr(kv.first, "file name"), path);
+    if (rel == "bundle.json") throw InputError(path + ": the manifest cannot list itself");
+    struct stat st {};
+    if (lstat(JoinPath(bundle, rel).c_str(), &st) != 0) throw InputError(bundle + ": file " + rel + " is missing from the bundle");
+    if (!S_ISREG(st.st_mode)) throw InputError(bundle + ": file " + rel + " is not a regular file (a link or a folder)");
+    auto want = Find(AsObj(kv.second, rel), "bytes");
+    if (!want || want->as<int64_t>() != std::optional<int64_t>(st.st_size)) {
+      throw InputError(bundle + ": file " + rel + " was altered (size differs from bundle.json)");
+    }
+    man.files.insert(rel);
+  }
+  for (const std::string* name : {&man.library, &man.weights_index}) {
+    if (!man.files.count(SafeName(*name, path))) throw InputError(path + ": '" + *name + "' is not among the files the manifest lists");
+  }
+  // A library linked on the host from the listed .tar sits beside it; the push verified its hash.
+  std::set<std::string> allowed = man.files;
+  allowed.insert("bundle.json");
+  if (EndsWith(man.library, ".tar")) allowed.insert(man.library.substr(0, man.library.size() - 4) + ".so");
+  std::map<std::string, mode_t> tree;
+  ListTree(bundle, "", &tree);
+  for (const auto& [rel, mode] : tree) {
+    bool parent_of_listed = S_ISDIR(mode) && std::any_of(allowed.begin(), allowed.end(), [&](const std::string& f) {
+      return f.compare(0, rel.size() + 1, rel + "/") == 0;
+    });
+    if (!allowed.count(rel) && !parent_of_listed) {
+      throw InputError(bundle + ": file " + rel + " is not listed in bundle.json; a bundle holds only the files its manifest lists");
     }
   }
   return man;
@@ -323,7 +374,8 @@ class Engine {
   Engine(std::string bundle_dir, std::string library_path, DLDevice dev)
       : bundle_(std::move(bundle_dir)), library_(std::move(library_path)), dev_(dev) {}
 
-  double Load(const std::string& weights_index) {
+  // `files`: the manifest's list; the weights index may name only shards among them.
+  double Load(const std::string& weights_index, const std::set<std::string>& files) {
     auto t0 = Clock::now();
     if (!IsFile(library_)) throw InputError(library_ + ": no such model library");
     std::optional<ffi::Module> lib;
@@ -354,7 +406,7 @@ class Engine {
     alloc_ = Global("runtime.TVMTensorAllocWithScope");
     copy_from_ = Global("runtime.TVMTensorCopyFromBytes");
     copy_to_ = Global("runtime.TVMTensorCopyToBytes");
-    LoadParams(weights_index);
+    LoadParams(weights_index, files);
     using S = ffi::Shape;
     cache_ = ModuleFunc(*vm_, "create_paged_kv_cache")(S({1}), S({context_window_}), S({prefill_chunk_}),
                                                       S({page_size_}), S({0}));
@@ -433,17 +485,19 @@ class Engine {
     return alloc_(ffi::Shape(shape), dtype, dev_, ffi::Optional<ffi::String>()).cast<ffi::Tensor>();
   }
 
-  void LoadParams(const std::string& weights_index) {
-    std::string index = JoinPath(bundle_, weights_index.empty() ? "tensor-cache.json" : weights_index);
-    if (!IsFile(index)) index = JoinPath(bundle_, "ndarray-cache.json");
-    if (!IsFile(index)) throw InputError(bundle_ + ": no tensor-cache.json (weights) in the bundle");
+  void LoadParams(const std::string& weights_index, const std::set<std::string>& files) {
+    std::string index = JoinPath(bundle_, weights_index);
+    if (!IsFile(index)) throw InputError(bundle_ + ": no " + weights_index + " (weights) in the bundle");
     JObj cache = AsObj(ParseJson(ReadFile(index, "weights index"), index), index);
     std::map<std::string, std::pair<std::string, JObj>> records;  // name -> (shard file, record)
     auto shards = Need(cache, "records", index).as<JArr>();
     if (!shards) throw InputError(index + ": 'records' must be a list");
     for (const ffi::Any& s : *shards) {
       JObj shard = AsObj(s, index);
-      std::string data_path = AsStr(Need(shard, "dataPath", index), "dataPath");
+      std::string data_path = SafeName(AsStr(Need(shard, "dataPath", index), "dataPath"), index);
+      if (!files.count(data_path) || data_path == weights_index) {
+        throw InputError(index + ": shard '" + data_path + "' is not a weights file listed in bundle.json");
+      }
       auto recs = Need(shard, "records", index).as<JArr>();
       if (!recs) throw InputError(index + ": a shard's 'records' must be a list");
       for (const ffi::Any& r : *recs) {
@@ -482,7 +536,7 @@ class Engine {
         }
         const std::string& shard = it->second.first;
         if (!fds.count(shard)) {
-          int fd = open(JoinPath(bundle_, shard).c_str(), O_RDONLY | O_CLOEXEC);
+          int fd = open(JoinPath(bundle_, shard).c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
           if (fd < 0) throw InputError(JoinPath(bundle_, shard) + ": cannot open weight shard (" + std::strerror(errno) + ")");
           fds[shard] = fd;
         }
@@ -691,7 +745,7 @@ std::string Run(const RunOptions& o, int* exit_code) {
     line.Int("kv_bytes_per_token", m.kv_bytes_per_token);
     if (o.threads > 0) Global("runtime.config_threadpool")(0, o.threads);
     Engine engine(o.bundle_dir, ResolveLibrary(o, m), ResolveDevice(o, m));
-    engine.Load(m.weights_index);
+    engine.Load(m.weights_index, m.files);
     if (o.touch_kv) engine.TouchKvCache();
     int64_t max_new = o.max_new_tokens >= 0 ? o.max_new_tokens : prompt.max_new_tokens.value_or(32);
     std::vector<int64_t> stop_list = prompt.stop_token_ids.value_or(m.stop_token_ids);
