@@ -7,16 +7,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from rich.console import Console
+from rich.markup import escape
 
 from edgedeploy import __version__
-from edgedeploy.errors import EdgeDeployError
+from edgedeploy.errors import EdgeDeployError, UsageError
 
 SCHEMA_VERSION = 1
 EXIT_OK, EXIT_FAIL, EXIT_INPUT = 0, 1, 2
@@ -49,9 +52,6 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
     ck = open_checkpoint(args.model_dir)
     profile = load_profile(args.profile)
-    for name, value in (("--context", args.context), ("--prefill-chunk", args.prefill_chunk)):
-        if value is not None and value <= 0:
-            raise EdgeDeployError(f"{name} must be a positive number of tokens")
     # Weights at the deployed dtype: FP32 checkpoints are usually deployed as FP16.
     est = estimate(ck.config, profile, context_window=args.context, prefill_chunk=args.prefill_chunk or 512,
                    dtype=args.dtype, parameters=ck.parameters)
@@ -115,7 +115,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from edgedeploy.bundle import read_manifest
-    from edgedeploy.runtime.launch import detokenize, fit_prompt, run_local, tokenize
+    from edgedeploy.runtime.launch import detokenize, fit_prompt, raise_for_error, run_local, tokenize
     from edgedeploy.runtime.runner import read_prompt_file
 
     bundle = Path(args.bundle)
@@ -130,10 +130,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         ids = read_prompt_file(Path(args.prompt_file))["token_ids"]
     ids = fit_prompt(ids, manifest, args.max_new_tokens, args.truncate)
-    result = run_local(bundle, ids, args.max_new_tokens, threads=args.threads, touch_kv=args.touch_kv,
-                       verify=not args.no_verify)
-    if result.get("error"):
-        raise EdgeDeployError(f"runner: {result['error']}")
+    result = raise_for_error(run_local(bundle, ids, args.max_new_tokens, threads=args.threads,
+                                       touch_kv=args.touch_kv, verify=not args.no_verify))
     text = detokenize(bundle, result["token_ids"]) if (bundle / "tokenizer.json").is_file() else None
     if args.json:
         _emit_json("run", {"bundle": str(bundle), "text": text, "result": result})
@@ -153,9 +151,6 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     profile = load_profile(args.profile or default_profile(args.device))
     prompts = load_prompts(args.prompts)
-    for name, value in (("--runs", args.runs), ("--warmup", args.warmup)):
-        if value < (1 if name == "--runs" else 0):
-            raise EdgeDeployError(f"{name} must be at least {1 if name == '--runs' else 0}")
     bars = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                     console=err_console)
     task = None
@@ -192,22 +187,16 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from edgedeploy.report.fit import RENDERERS
+    from edgedeploy.report.results import load_results
 
-    path = Path(args.results)
-    try:
-        results = json.loads(path.read_text(encoding="utf-8"))
-        verdict = results["verdict"]
-        results["models"]  # noqa: B018 - presence check
-    except OSError as e:
-        raise EdgeDeployError(f"{path}: cannot read ({e.strerror})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-        raise EdgeDeployError(f"{path}: not an edgedeploy results file") from None
+    # Checked once here, so the renderers can index the file without guarding every key.
+    results = load_results(args.results)
     text = RENDERERS[args.format](results)
     if args.out:
         Path(args.out).write_text(text, encoding="utf-8")
     else:
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
-    return EXIT_OK if verdict == "PASS" else EXIT_FAIL
+    return EXIT_OK if results["verdict"] == "PASS" else EXIT_FAIL
 
 
 def cmd_virtual_phone(args: argparse.Namespace) -> int:
@@ -282,9 +271,63 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return rc
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises :class:`UsageError` where it would print its usage block and exit.
+
+    The README promises one ``error:`` line and exit code 2 for bad input, argument mistakes included;
+    raising (rather than ``sys.exit``) also lets in-process callers of :func:`main` get the code back.
+    Sub-command parsers are made with the same class.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message} (see `{self.prog} --help`)")
+
+
+def number_arg(kind: type[int] | type[float], low: float, high: float | None = None,
+               low_allowed: bool = True) -> Callable[[str], Any]:
+    """An argparse ``type=`` that parses ``kind`` and refuses values outside ``low..high`` with one line.
+
+    ``low_allowed=False`` makes ``low`` itself invalid (durations and sizes must be above 0). NaN and
+    infinities are refused too: ``float()`` accepts "nan" and "inf", and neither is a usable duration
+    or size.
+    """
+    noun = "an integer" if kind is int else "a number"
+    if high is not None:
+        rule = f"{noun} from {low:g} to {high:g}"
+    else:
+        rule = f"{noun} {'>=' if low_allowed else '>'} {low:g}"
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}") from None
+        below = value < low or (value == low and not low_allowed)
+        if not math.isfinite(value) or below or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}")
+        return value
+
+    return parse
+
+
+#: Option value types, one validator per rule, shared by every command so the rules and messages agree.
+#: --threads is positive because 0 used to slip through as "all cores" (the runner drops a falsy value);
+#: leaving the option out is how to ask for all cores.
+POSITIVE_INT = number_arg(int, 1)  # --context, --prefill-chunk (tokens), --threads, --runs
+NON_NEGATIVE_INT = number_arg(int, 0)  # --max-new-tokens (0: prefill only, still measures TTFT), --warmup
+NON_NEGATIVE_NUMBER = number_arg(float, 0)  # --cooldown (0: no pause)
+POSITIVE_NUMBER = number_arg(float, 0, low_allowed=False)  # --timeout, --budget-mb, --disk-mb
+PORT = number_arg(int, 0, 65535)  # 0 picks a free port
+
+
+def _add_window_options(s: argparse.ArgumentParser) -> None:
+    """--context and --prefill-chunk, which estimate and build take alike."""
+    s.add_argument("--context", type=POSITIVE_INT, help="context window in tokens (default: model's, at most 4096)")
+    s.add_argument("--prefill-chunk", type=POSITIVE_INT, help="prefill chunk in tokens (default 512)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edgedeploy", description="Check, build and profile FP16/FP32 LLMs "
-                                "for 12 GB phones.")
+    p = _Parser(prog="edgedeploy", description="Check, build and profile FP16/FP32 LLMs for 12 GB phones.")
     p.add_argument("--version", action="version", version=f"edgedeploy {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -296,8 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("estimate", help="predict peak memory and speed on a device profile")
     s.add_argument("model_dir")
     s.add_argument("--profile", default="reference-12gb", help="profile name or .toml path")
-    s.add_argument("--context", type=int, help="context window in tokens (default: model's, at most 4096)")
-    s.add_argument("--prefill-chunk", type=int, help="prefill chunk in tokens (default 512)")
+    _add_window_options(s)
     s.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="deployed dtype")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_estimate)
@@ -306,8 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model_dir")
     s.add_argument("--target", choices=("host", "android", "android-opencl", "linux-aarch64"), default="host")
     s.add_argument("--dtype", choices=("float16", "float32"), default="float16")
-    s.add_argument("--context", type=int, help="context window in tokens (default: model's, at most 4096)")
-    s.add_argument("--prefill-chunk", type=int, help="prefill chunk in tokens (default 512)")
+    _add_window_options(s)
     s.add_argument("--out", help="bundle folder (default: bundles/NAME-DTYPE-TARGET)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_build)
@@ -316,8 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("bundle")
     s.add_argument("--prompt", help="prompt text (tokenized with the bundle's tokenizer)")
     s.add_argument("--prompt-file", help="pre-tokenized prompt: JSON {\"token_ids\": [...]} or a list")
-    s.add_argument("--max-new-tokens", type=int, default=32)
-    s.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    s.add_argument("--max-new-tokens", type=NON_NEGATIVE_INT, default=32, help="tokens to generate (0: prefill only)")
+    s.add_argument("--threads", type=POSITIVE_INT, help="CPU threads (default: all cores)")
     s.add_argument("--touch-kv", action="store_true", help="touch the whole KV cache so the peak includes it")
     s.add_argument("--truncate", action="store_true", help="keep the last tokens of a prompt that is too long")
     s.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle")
@@ -331,15 +372,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--adb-server", help="HOST:PORT of a remote adb server (as adb -H/-P)")
     s.add_argument("--profile", help="device profile (default: host for this host, else reference-12gb)")
     s.add_argument("--prompts", nargs="+", help="prompt files or built-in names (default: chat-short doc-1k long-2k)")
-    s.add_argument("--runs", type=int, default=3, help="measured runs per prompt (default 3)")
-    s.add_argument("--warmup", type=int, default=1, help="warm-up runs per prompt (default 1)")
-    s.add_argument("--cooldown", type=float, default=0.0, help="seconds to wait between runs")
-    s.add_argument("--threads", type=int, help="runner CPU threads")
+    s.add_argument("--runs", type=POSITIVE_INT, default=3, help="measured runs per prompt (default 3)")
+    s.add_argument("--warmup", type=NON_NEGATIVE_INT, default=1, help="warm-up runs per prompt (default 1)")
+    s.add_argument("--cooldown", type=NON_NEGATIVE_NUMBER, default=0.0, help="seconds to wait between runs")
+    s.add_argument("--threads", type=POSITIVE_INT, help="runner CPU threads")
     s.add_argument("--no-touch-kv", action="store_true", help="do not touch the whole KV cache at load "
                    "(the peak then only covers the prompts' tokens)")
     s.add_argument("--reference", help="host bundle whose tokens the device must reproduce "
                    "(default: the bundle itself when it is a host build)")
-    s.add_argument("--timeout", type=float, default=900.0, help="seconds allowed per run")
+    s.add_argument("--timeout", type=POSITIVE_NUMBER, default=900.0, help="seconds allowed per run")
     s.add_argument("--runner", choices=("auto", "python", "native"), default="auto",
                    help="runner kind (auto: Python runner for host bundles, native runner for aarch64 ones)")
     s.add_argument("--runner-dir", help="prebuilt Android native runner (from `edgedeploy package`)")
@@ -360,10 +401,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("virtual-phone", help="serve a virtual reference phone (device-side adbd) on 127.0.0.1")
     s.add_argument("--profile", default="reference-12gb")
-    s.add_argument("--port", type=int, default=6520, help="TCP port on 127.0.0.1 (0 picks a free one)")
+    s.add_argument("--port", type=PORT, default=6520, help="TCP port on 127.0.0.1 (0 picks a free one)")
     s.add_argument("--sandbox", help="folder standing in for the phone's storage (default: a new temp folder)")
-    s.add_argument("--budget-mb", type=float, help="memory budget (default: the profile's usable budget)")
-    s.add_argument("--disk-mb", type=float, help="storage quota for pushes")
+    s.add_argument("--budget-mb", type=POSITIVE_NUMBER, help="memory budget (default: the profile's usable budget)")
+    s.add_argument("--disk-mb", type=POSITIVE_NUMBER, help="storage quota for pushes")
     s.add_argument("--abi", help="ro.product.cpu.abi (default: this host's)")
     s.add_argument("--auth-keys", type=Path, help="adb_keys file: require ADB auth with one of these keys")
     s.add_argument("--app-harness", type=Path, metavar="RUNNER_DIR",
@@ -390,17 +431,42 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def describe_os_error(e: OSError) -> str:
+    """``PATH: No space left on device`` rather than ``[Errno 28] No space left on device: 'PATH'``."""
+    if not e.strerror:
+        return str(e)
+    paths = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    return f"{paths}: {e.strerror}" if paths else e.strerror
+
+
+def print_error(message: str) -> None:
+    """Print ``error: MESSAGE`` as exactly one line on stderr.
+
+    Line breaks inside the message are folded (the README promises one line, whoever raised it), and
+    the text is escaped: a path or a tool's output with ``[...]`` in it would otherwise be read as rich
+    markup, lose its brackets, or make rich raise while reporting the error.
+    """
+    text = " | ".join(line.strip() for line in message.splitlines() if line.strip()) or "(no message)"
+    err_console.print(f"[bold red]error:[/] {escape(text)}", highlight=False, soft_wrap=True)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Run one command and return its exit code (README: 0 pass, 1 fail, 2 bad input or tool, 3 runner).
+
+    Expected failures are caught here and printed as one line: :class:`EdgeDeployError` (raised where a
+    file, a tool or a device failed, with a message naming it) and :class:`OSError` (disk full,
+    permission denied: the user's environment). Nothing broader is caught on purpose: any other
+    exception is a defect at the place that should have wrapped it, and its traceback is how it gets
+    found and fixed.
+    """
     try:
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except EdgeDeployError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        print_error(str(e))
         return e.exit_code
     except OSError as e:
-        # Disk full, permission denied, ...: the user's environment, not a bug, so no traceback.
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        print_error(describe_os_error(e))
         return EXIT_INPUT
     except KeyboardInterrupt:
         err_console.print("interrupted")

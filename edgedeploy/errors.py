@@ -11,3 +11,9 @@ class InputError(EdgeDeployError):
     """Bad input (missing folder, malformed file, unsupported model): exit code 2."""
 
     exit_code = 2
+
+
+class UsageError(InputError):
+    """A command-line argument was missing, unknown or out of range (argparse's complaint): exit code 2."""
+
+    exit_code = 2

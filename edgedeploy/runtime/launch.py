@@ -10,6 +10,8 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,22 +25,50 @@ class RunFailed(EdgeDeployError):
     exit_code = 3
 
 
-def _tokenizer(bundle_dir: Path) -> Any:
+@contextmanager
+def tokenizer_errors(path: Path | str, action: str) -> Iterator[None]:
+    """Turn a failure of the tokenizers library inside the block into an InputError naming ``path``.
+
+    The library reports a corrupt or truncated file, an unknown model type and a bad argument as a bare
+    ``Exception`` (sometimes TypeError) carrying its parser's message, so no narrower clause catches them;
+    only library calls belong inside the block.
+    """
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - see above
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise InputError(f"{path}: cannot {action} ({reason})") from None
+
+
+def load_tokenizer(path: Path) -> Any:
+    """The ``tokenizers.Tokenizer`` saved in ``path``; :class:`InputError` naming the file if it cannot be loaded."""
     from tokenizers import Tokenizer
 
+    with tokenizer_errors(path, "load the tokenizer"):
+        return Tokenizer.from_file(str(path))
+
+
+def _tokenizer_file(bundle_dir: Path) -> Path:
     path = bundle_dir / "tokenizer.json"
     if not path.is_file():
         raise InputError(f"{bundle_dir}: the bundle has no tokenizer.json; pass token ids with --prompt-file")
-    return Tokenizer.from_file(str(path))
+    return path
 
 
 def tokenize(bundle_dir: Path, text: str) -> list[int]:
     """Token ids of ``text`` with the bundle's tokenizer (its post-processor adds BOS where the model wants it)."""
-    return list(_tokenizer(bundle_dir).encode(text).ids)
+    path = _tokenizer_file(bundle_dir)
+    tokenizer = load_tokenizer(path)
+    with tokenizer_errors(path, "encode the prompt"):
+        return list(tokenizer.encode(text).ids)
 
 
 def detokenize(bundle_dir: Path, ids: list[int]) -> str:
-    return str(_tokenizer(bundle_dir).decode(ids, skip_special_tokens=True))
+    """The text of ``ids`` with the bundle's tokenizer, special tokens left out."""
+    path = _tokenizer_file(bundle_dir)
+    tokenizer = load_tokenizer(path)
+    with tokenizer_errors(path, "decode the generated tokens"):
+        return str(tokenizer.decode(ids, skip_special_tokens=True))
 
 
 def fit_prompt(ids: list[int], manifest: Manifest, max_new_tokens: int, truncate: bool) -> list[int]:
@@ -86,6 +116,19 @@ def parse_result(stdout: str, returncode: int, stderr: str = "") -> dict[str, An
             return data
     tail = (stderr.strip().splitlines() or ["no output"])[-1]
     raise RunFailed(f"runner exited with code {returncode} and no result line ({tail})")
+
+
+def raise_for_error(result: dict[str, Any]) -> dict[str, Any]:
+    """``result`` when the runner succeeded; otherwise its error, as the exit code the README gives it.
+
+    The runner sorts its failures itself: bad input (a prompt longer than the window, an altered bundle)
+    is an :class:`InputError` (exit 2), anything else means the runner failed (:class:`RunFailed`, exit 3).
+    """
+    if not result.get("error"):
+        return result
+    if result.get("error_kind") == "input" or result.get("exit_code") == InputError.exit_code:
+        raise InputError(f"runner: {result['error']}")
+    raise RunFailed(f"runner failed: {result['error']}")
 
 
 def run_local(bundle_dir: Path, token_ids: list[int], max_new_tokens: int, threads: int | None = None,

@@ -25,12 +25,16 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,9 +58,12 @@ class ToolMissing(EdgeDeployError):
 
 
 class NativeBuildFailed(EdgeDeployError):
-    """CMake or the compiler failed; the message ends with the tail of its output (exit code 3)."""
+    """CMake, the compiler or the linker failed, or the disk filled up under them: a tool error (exit code 2).
 
-    exit_code = 3
+    The message is one line: the step, how the tool ended, and the line of its output that says why.
+    """
+
+    exit_code = 2
 
 
 @dataclass
@@ -121,11 +128,76 @@ def _which(tool: str, why: str) -> str:
     return path
 
 
-def _run(cmd: list[str], what: str, cwd: Path | None = None) -> None:
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+#: Lines that only report that something above them failed (collect2 after ld, ninja and make after a
+#: compiler, CMake's epilogue); the line worth quoting is an earlier one.
+_SUMMARY_LINE = re.compile(r"collect2: error: ld returned|ninja: build stopped|make(\[\d+\])?: \*\*\*"
+                           r"|clang(\+\+)?: error: linker command failed|compilation terminated"
+                           r"|^\d+ errors? generated|Configuring incomplete|^FAILED: ")
+_TELLING_WORDS = re.compile(r"error|failed|fatal|cannot|can't|no space|too large|denied|not found", re.IGNORECASE)
+
+
+def telling_line(output: str, limit: int = 300) -> str:
+    """The line of a tool's output that says what went wrong, for a one-line message.
+
+    The last line that mentions an error and is not a mere summary of one (``collect2: error: ld
+    returned 1 exit status``), else the last non-empty line ("" when there is none); cut to ``limit``
+    characters.
+    """
+    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+    own = [ln for ln in lines if not _SUMMARY_LINE.search(ln)]
+    telling = [ln for ln in own if _TELLING_WORDS.search(ln)]
+    line = (telling or own or lines or [""])[-1]
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _ended(returncode: int) -> str:
+    """``exit 1``, or ``killed by SIGXFSZ: file size limit exceeded`` for a tool that a signal ended."""
+    if returncode >= 0:
+        return f"exit {returncode}"
+    try:
+        sig = signal.Signals(-returncode)
+    except ValueError:
+        return f"killed by signal {-returncode}"
+    return f"killed by {sig.name}: {(signal.strsignal(sig) or '').lower()}".rstrip(": ")
+
+
+def _save_log(log: Path, cmd: list[str], output: str) -> Path | None:
+    """Write a failed step's command and full output to ``log``; None when that fails too (a full disk)."""
+    try:
+        log.write_text(f"$ {' '.join(cmd)}\n{output}", encoding="utf-8")
+    except OSError:
+        return None
+    return log
+
+
+def _run(cmd: list[str], what: str, cwd: Path | None = None, log: Path | None = None) -> None:
+    """Run one build step; :class:`NativeBuildFailed` in one line when it cannot start or fails.
+
+    A compiler's diagnostics do not fit on one line: with ``log`` the full output is saved there and the
+    message names it.
+    """
+    try:
+        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, errors="replace")
+    except OSError as e:
+        raise NativeBuildFailed(f"{what}: cannot start {cmd[0]} ({e.strerror or e})") from None
     if proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
-        raise NativeBuildFailed(f"{what} failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}")
+        # stderr last: compilers and linkers print their verdict there.
+        output = proc.stdout + ("\n" if proc.stdout else "") + proc.stderr
+        saved = _save_log(log, cmd, output) if log else None
+        line = telling_line(output)
+        raise NativeBuildFailed(f"{what} failed ({_ended(proc.returncode)})" + (f": {line}" if line else "")
+                                + (f" (full output: {saved})" if saved else ""))
+
+
+@contextmanager
+def _os_step(what: str) -> Iterator[None]:
+    """Turn an OSError inside ``what`` (disk full, file too large, a path that is not a folder) into a
+    one-line :class:`NativeBuildFailed` naming the step and the file."""
+    try:
+        yield
+    except OSError as e:
+        on = f" ({e.filename})" if e.filename else ""
+        raise NativeBuildFailed(f"{what} failed: {e.strerror or e}{on}") from None
 
 
 def cmake_configure_command(build_dir: Path, defines: dict[str, str], source_dir: Path | None = None) -> list[str]:
@@ -156,13 +228,15 @@ def jdk_include_dir() -> Path:
 def _cmake_build(build_dir: Path, defines: dict[str, str], jni: bool, abi: str, libs: list[Path]) -> RunnerBuild:
     _which("cmake", "install CMake (Debian: apt-get install cmake)")
     build_dir = Path(build_dir).resolve()
-    build_dir.mkdir(parents=True, exist_ok=True)
+    with _os_step(f"creating the build folder {build_dir}"):
+        build_dir.mkdir(parents=True, exist_ok=True)
     if jni:
         defines = {**defines, "EDGEDEPLOY_JNI": "ON"}
         if "CMAKE_TOOLCHAIN_FILE" not in defines:
             defines["JNI_INCLUDE_DIR"] = str(jdk_include_dir())
-    _run(cmake_configure_command(build_dir, defines), "CMake configure")
-    _run(["cmake", "--build", str(build_dir), "--parallel", str(os.cpu_count() or 2)], "CMake build")
+    _run(cmake_configure_command(build_dir, defines), "CMake configure", log=build_dir / "edgedeploy-configure.log")
+    _run(["cmake", "--build", str(build_dir), "--parallel", str(os.cpu_count() or 2)], "CMake build",
+         log=build_dir / "edgedeploy-build.log")
     runner = build_dir / RUNNER_NAME
     if not runner.is_file():
         raise NativeBuildFailed(f"{runner}: the build produced no runner")
@@ -216,7 +290,8 @@ def fetch_aarch64_runtime(wheel_dir: Path | str | None = None) -> TvmPrebuilt:
     lib_dir = wheel_dir / f"tvm{versions['apache-tvm']}-ffi{versions['apache-tvm-ffi']}" / "lib"
     wanted = {"tvm/lib/libtvm_runtime.so": "libtvm_runtime.so", "tvm_ffi/lib/libtvm_ffi.so": "libtvm_ffi.so"}
     if not all((lib_dir / name).is_file() for name in wanted.values()):
-        wheel_dir.mkdir(parents=True, exist_ok=True)
+        with _os_step(f"creating {wheel_dir}"):
+            wheel_dir.mkdir(parents=True, exist_ok=True)
         wheels = _aarch64_wheels(wheel_dir, versions)
         if len(wheels) < 2:
             _run([sys.executable, "-m", "pip", "download", "--only-binary=:all:", "--platform", AARCH64_PLATFORM,
@@ -224,23 +299,34 @@ def fetch_aarch64_runtime(wheel_dir: Path | str | None = None) -> TvmPrebuilt:
                   "--disable-pip-version-check", "-d", str(wheel_dir),
                   *(f"{d}=={v}" for d, v in versions.items())], "pip download of the aarch64 TVM wheels")
             wheels = _aarch64_wheels(wheel_dir, versions)
-        tmp = Path(tempfile.mkdtemp(dir=wheel_dir, prefix=".unpack-"))
-        try:
-            for wheel in wheels:
+        with _os_step(f"unpacking the aarch64 TVM wheels into {lib_dir}"):
+            _unpack_runtime(wheels, wanted, wheel_dir, lib_dir)
+    host = host_tvm()
+    return TvmPrebuilt(lib_dir, lib_dir, host.ffi_include)
+
+
+def _unpack_runtime(wheels: list[Path], wanted: dict[str, str], wheel_dir: Path, lib_dir: Path) -> None:
+    """Extract the ``wanted`` members (wheel path -> file name) of ``wheels`` into ``lib_dir``, all or nothing."""
+    tmp = Path(tempfile.mkdtemp(dir=wheel_dir, prefix=".unpack-"))
+    try:
+        for wheel in wheels:
+            try:
                 with zipfile.ZipFile(wheel) as z:
                     for member, name in wanted.items():
                         if member in z.namelist():
                             (tmp / name).write_bytes(z.read(member))
-            missing = [n for n in wanted.values() if not (tmp / n).is_file()]
-            if missing:
-                raise NativeBuildFailed(f"the aarch64 wheels in {wheel_dir} lack {', '.join(missing)}")
-            lib_dir.parent.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(lib_dir, ignore_errors=True)
-            tmp.rename(lib_dir)  # atomic: a half-unpacked folder is never taken for a complete one
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    host = host_tvm()
-    return TvmPrebuilt(lib_dir, lib_dir, host.ffi_include)
+            except zipfile.BadZipFile as e:
+                # A download cut short stays in the cache: name the file to delete so the next run fetches it.
+                raise NativeBuildFailed(f"{wheel}: not a readable wheel ({e}); delete it to download it again"
+                                        ) from None
+        missing = [n for n in wanted.values() if not (tmp / n).is_file()]
+        if missing:
+            raise NativeBuildFailed(f"the aarch64 wheels in {wheel_dir} lack {', '.join(missing)}")
+        lib_dir.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(lib_dir, ignore_errors=True)
+        tmp.rename(lib_dir)  # atomic: a half-unpacked folder is never taken for a complete one
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _aarch64_wheels(wheel_dir: Path, versions: dict[str, str]) -> list[Path]:
@@ -273,22 +359,39 @@ def qemu_command(argv: list[str], sysroot: str = AARCH64_SYSROOT) -> list[str]:
     return [qemu, "-L", sysroot, *argv]
 
 
-def _link_objects(tar: Path, out_so: Path, cxx: list[str]) -> Path:
-    tar, out_so = Path(tar), Path(out_so)
-    if not tar.is_file():
-        raise InputError(f"{tar}: no such library archive")
-    with tempfile.TemporaryDirectory(prefix="edgedeploy-link-") as tmp:
+def _extract_objects(tar: Path, into: Path) -> list[str]:
+    """Extract the top-level ``.o`` members of ``tar`` into ``into``; return their paths."""
+    try:
         with tarfile.open(tar) as tf:
             members = [m for m in tf.getmembers() if m.isfile() and m.name.endswith(".o") and "/" not in m.name]
             if not members:
                 raise InputError(f"{tar}: holds no object files")
-            tf.extractall(tmp, members=members, filter="data")
-        objects = [str(Path(tmp) / m.name) for m in members]
-        tmp_so = out_so.with_name(f".{out_so.name}.tmp{os.getpid()}")
-        try:
-            _run([*cxx, "-shared", "-fPIC", "-o", str(tmp_so), *objects], f"linking {tar.name}")
-            os.replace(tmp_so, out_so)
-        finally:
+            tf.extractall(into, members=members, filter="data")
+    except tarfile.TarError as e:
+        raise InputError(f"{tar}: not a readable tar archive ({e})") from None
+    return [str(into / m.name) for m in members]
+
+
+def _link_objects(tar: Path, out_so: Path, cxx: list[str]) -> Path:
+    """Link the objects in ``tar`` into the shared library ``out_so``, which appears only when complete.
+
+    Every failure, the disk filling up included, is one line naming the step: extracting the objects,
+    linking them (with the linker's own line), or moving the library into place.
+    """
+    tar, out_so = Path(tar), Path(out_so)
+    if not tar.is_file():
+        raise InputError(f"{tar}: no such library archive")
+    tmp_so = out_so.with_name(f".{out_so.name}.tmp{os.getpid()}")
+    try:
+        with tempfile.TemporaryDirectory(prefix="edgedeploy-link-") as tmp:
+            with _os_step(f"extracting the objects of {tar.name}"):
+                objects = _extract_objects(tar, Path(tmp))
+            _run([*cxx, "-shared", "-fPIC", "-o", str(tmp_so), *objects], f"linking {tar.name} into {out_so}")
+            with _os_step(f"moving the linked {out_so.name} into place"):
+                os.replace(tmp_so, out_so)
+    finally:
+        # A leftover hidden temporary is harmless; a failure to remove it must not hide why the link failed.
+        with suppress(OSError):
             tmp_so.unlink(missing_ok=True)
     return out_so
 
@@ -386,11 +489,13 @@ def build_android_runner(ndk: Path | str, tvm_source: Path | str, out: Path | st
                          api: int = ANDROID_MIN_API, jni: bool = False) -> RunnerBuild:
     """Configure and build the Android runner (needs an NDK and a TVM source tree; untested without them)."""
     out = Path(out).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    _run(android_cmake_command(ndk, tvm_source, out, opencl, api, jni), "CMake configure (Android)")
+    with _os_step(f"creating the build folder {out}"):
+        out.mkdir(parents=True, exist_ok=True)
+    _run(android_cmake_command(ndk, tvm_source, out, opencl, api, jni), "CMake configure (Android)",
+         log=out / "edgedeploy-configure.log")
     targets = ["edgedeploy-runner", "tvm_runtime"] + (["edgedeploy_jni"] if jni else [])
     _run(["cmake", "--build", str(out), "--parallel", str(os.cpu_count() or 2), "--target", *targets],
-         "CMake build (Android)")
+         "CMake build (Android)", log=out / "edgedeploy-build.log")
     libs = [next(iter(sorted(out.rglob(name))), out / "tvm" / name) for name in RUNTIME_LIBS]
     return RunnerBuild(runner=out / RUNNER_NAME, abi=ANDROID_ABI, libs=[*libs, android_libcxx_shared(ndk)],
                        jni=out / JNI_LIB_NAME if jni else None)
