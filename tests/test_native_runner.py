@@ -170,7 +170,7 @@ def test_host_native_usage_and_bad_library(family_bundles: dict[str, Path], host
     shutil.copytree(family_bundles["llama"], tar_bundle)
     manifest = json.loads((tar_bundle / "bundle.json").read_text())
     manifest["library"] = "model.tar"
-    manifest["files"] = {}
+    manifest["files"]["model.tar"] = manifest["files"].pop("model.so")
     (tar_bundle / "model.so").rename(tar_bundle / "model.tar")
     (tar_bundle / "bundle.json").write_text(json.dumps(manifest))
     nat = run_native([runner], tar_bundle, prompt)

@@ -7,17 +7,17 @@ runner would find it, and only a folder that is provably a bundle is ever replac
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from edgedeploy.bundle import Manifest, write_manifest
+from edgedeploy.bundle import Manifest, is_int, write_manifest
 from edgedeploy.bundle.install import Partial, check_replaceable, install, recover
 from edgedeploy.checkpoint.intake import Checkpoint, open_checkpoint
 from edgedeploy.errors import EdgeDeployError, InputError
+from edgedeploy.fileio import read_json_object
 
 #: Files copied from the checkpoint when present; the runner on a phone needs none of them, the host does.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
@@ -43,20 +43,20 @@ def _no_progress(stage: str, done: float, total: float) -> None:
 
 def stop_token_ids(model_dir: Path, cfg_eos: tuple[int, ...]) -> list[int]:
     """End-of-sequence ids from config.json, generation_config.json and the tokenizer's eos token."""
+    from edgedeploy.runtime.launch import load_tokenizer
+
     ids = list(cfg_eos)
     gen = model_dir / "generation_config.json"
     if gen.is_file():
-        eos = json.loads(gen.read_text(encoding="utf-8")).get("eos_token_id")
-        ids += [eos] if isinstance(eos, int) else [e for e in eos or [] if isinstance(e, int)]
+        eos = read_json_object(gen, "generation_config.json").get("eos_token_id")
+        ids += [e for e in (eos if isinstance(eos, list) else [eos]) if is_int(e) and e >= 0]
     tok_cfg, tok_json = model_dir / "tokenizer_config.json", model_dir / "tokenizer.json"
     if tok_cfg.is_file() and tok_json.is_file():
-        eos_tok = json.loads(tok_cfg.read_text(encoding="utf-8")).get("eos_token")
+        eos_tok = read_json_object(tok_cfg, "tokenizer_config.json").get("eos_token")
         if isinstance(eos_tok, dict):
             eos_tok = eos_tok.get("content")
         if isinstance(eos_tok, str):
-            from tokenizers import Tokenizer
-
-            tid = Tokenizer.from_file(str(tok_json)).token_to_id(eos_tok)
+            tid = load_tokenizer(tok_json).token_to_id(eos_tok)
             if tid is not None:
                 ids.append(tid)
     return sorted(set(ids))

@@ -76,7 +76,8 @@ class AdbServerDevice(Device):
             raise DeviceError(f"cannot reach the adb server at {self._server} (is `adb -a -P {port} server` running?)")
         self._timeout = timeout
         self.client = adbutils.AdbClient(host=host, port=port, socket_timeout=timeout)
-        self._errors: tuple[type[BaseException], ...] = (adbutils.AdbError, OSError)
+        # adbutils parses the server's hex lengths with int(): a garbled reply is a ValueError.
+        self._errors: tuple[type[BaseException], ...] = (adbutils.AdbError, OSError, ValueError)
         self._resolve()
 
     def _states(self) -> dict[str, str]:
@@ -166,7 +167,10 @@ class AdbTcpDevice(Device):
         if not path.is_file():
             return []
         pub = Path(str(path) + ".pub")
-        return [PythonRSASigner(pub.read_text() if pub.is_file() else "", path.read_text())]
+        try:
+            return [PythonRSASigner(pub.read_text() if pub.is_file() else "", path.read_text())]
+        except (ValueError, OSError, IndexError) as e:
+            raise DeviceError(f"{path}: not a usable adb key ({e})") from None
 
     def reconnect(self) -> None:
         from adb_shell.adb_device import AdbDeviceTcp
@@ -175,8 +179,9 @@ class AdbTcpDevice(Device):
         if self._dev is not None:
             self.close()
         dev = AdbDeviceTcp(self._host, self._port, default_transport_timeout_s=self._timeout)
+        keys = self._signer()
         try:
-            dev.connect(rsa_keys=self._signer() or None, auth_timeout_s=5.0, read_timeout_s=self._timeout)
+            dev.connect(rsa_keys=keys or None, auth_timeout_s=5.0, read_timeout_s=self._timeout)
         except DeviceAuthError:
             raise DeviceError(f"{self.serial} is unauthorized: its adbd does not accept this host's adb key") from None
         except (OSError, AdbConnectionError) as e:

@@ -27,7 +27,7 @@ from edgedeploy.profile import app_harness
 from edgedeploy.profile.prompts import PromptSpec, TokenizedPrompt, tokenize_prompt
 from edgedeploy.profile.push import PushProgress, local_files, push_bundle, push_files, remove_pushed
 from edgedeploy.profile.runners import RunnerSpec, select_runner
-from edgedeploy.runtime.launch import parse_result, run_local, runner_args
+from edgedeploy.runtime.launch import load_tokenizer, parse_result, run_local, runner_args
 
 KILLED = 137
 #: How much longer than --timeout the transport waits for the shell before it gives up on it.
@@ -194,8 +194,6 @@ def profile_bundle(device: Device, bundle_dir: Path, prompts: list[PromptSpec], 
     harness app (:mod:`edgedeploy.profile.app_harness`) instead of a shell process. Files already on the
     device are re-hashed there when they changed since they were verified, or all of them with ``reverify``.
     """
-    from tokenizers import Tokenizer
-
     manifest: Manifest = read_manifest(bundle_dir)
     facts = device.facts()
     link_tmp = tempfile.TemporaryDirectory(prefix="edgedeploy-link-")
@@ -222,14 +220,14 @@ def profile_bundle(device: Device, bundle_dir: Path, prompts: list[PromptSpec], 
         tok_path = bundle_dir / "tokenizer.json"
         if not tok_path.is_file():
             raise DeviceError(f"{bundle_dir}: the bundle has no tokenizer.json to tokenize the scripted prompts")
-        tokenizer = Tokenizer.from_file(str(tok_path))
+        tokenizer = load_tokenizer(tok_path)
         ref_dir = reference or (bundle_dir if manifest.target == "host" else None)
         results = []
         # One run per model that writes the whole KV cache is enough for the peak (the report takes the
         # maximum over runs); doing it in every run would add a full-window prefill to each one.
         touch_pending = touch_kv
         for spec in prompts:
-            prompt = tokenize_prompt(spec, tokenizer, manifest.context_window)
+            prompt = tokenize_prompt(spec, tokenizer, manifest.context_window, source=tok_path)
             entry: dict[str, Any] = {**prompt.to_dict(), "description": spec.description, "warmup": [], "runs": []}
             if app:
                 event("run", f"{spec.name} through the harness app ({warmup} warm-up + {runs} runs)")

@@ -107,7 +107,10 @@ class Engine:
         except Exception as e:  # noqa: BLE001 - TVM raises its own error types
             raise InputError(f"{self.library_path}: cannot load model library ({e})") from None
         dev = tvm.cpu()
-        self._vm = tvm.runtime.vm.VirtualMachine(lib, dev)
+        try:
+            self._vm = tvm.runtime.vm.VirtualMachine(lib, dev)
+        except Exception as e:  # noqa: BLE001 - TVM raises its own error types
+            raise InputError(f"{self.library_path}: not a TVM Relax VM library ({e})") from None
         try:
             self.metadata = json.loads(str(self._vm["_metadata"]()))
         except Exception as e:  # noqa: BLE001

@@ -75,16 +75,21 @@ def read_prompt_file(path: Path) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
     """Do the work of one runner invocation; return (exit code, result fields)."""
-    result: dict[str, Any] = {"threads": args.threads}
     from edgedeploy.errors import InputError
+    from edgedeploy.runtime.cpus import plan_threads
 
+    if args.threads is not None and args.threads <= 0:
+        return EXIT_INPUT, {"error": f"--threads must be a positive count, not {args.threads}", "error_kind": "input"}
+    if args.max_new_tokens is not None and args.max_new_tokens < 0:
+        return EXIT_INPUT, {"error": "--max-new-tokens must not be negative", "error_kind": "input"}
+    cpu = plan_threads(args.threads)
+    result: dict[str, Any] = {"threads": cpu.threads, "cpus": cpu.cpus, "threads_default": cpu.default}
     try:
         prompt = read_prompt_file(Path(args.prompt_file))
     except InputError as e:
         return EXIT_INPUT, {**result, "error": str(e), "error_kind": "input"}
-    if args.threads:
-        # The TVM thread pool reads this once, at its creation.
-        os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    # The TVM thread pool reads this once, at its creation.
+    os.environ["TVM_NUM_THREADS"] = str(cpu.threads)
     os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
     from edgedeploy.bundle import read_manifest, verify_bundle
     from edgedeploy.checkpoint.config import ModelConfig
@@ -101,7 +106,7 @@ def run(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
                                                                                     else 1)
         result.update(target=manifest.target, dtype=manifest.dtype, context_window=manifest.context_window,
                       kv_bytes_per_token=kv_per_token)
-        engine = Engine(args.bundle, manifest.library, threads=args.threads, manifest=manifest)
+        engine = Engine(args.bundle, manifest.library, threads=cpu.threads, manifest=manifest)
         engine.load()
         if args.touch_kv:
             engine.touch_kv_cache()
@@ -127,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle")
     p.add_argument("--prompt-file", required=True, help="JSON with token_ids (see module doc)")
     p.add_argument("--max-new-tokens", type=int, help="default: the prompt file's, else 32")
-    p.add_argument("--threads", type=int, help="CPU threads for the TVM runtime (default: all cores)")
+    p.add_argument("--threads", type=int, help="CPU threads for the TVM runtime (default: one per CPU this process may "
+                   "use, little cores of a big.LITTLE chip left out; the result states the count)")
     p.add_argument("--touch-kv", action="store_true", help="write the whole KV cache once after loading, "
                    "so the peak includes the full context window")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 re-hash of the bundle's files "

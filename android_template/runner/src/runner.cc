@@ -9,6 +9,7 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <sched.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/utsname.h>
@@ -693,7 +694,10 @@ RunOptions ParseArgs(const std::vector<std::string>& args) {
     const std::string& a = args[i];
     if (a == "--prompt-file") o.prompt_file = value(&i);
     else if (a == "--max-new-tokens") o.max_new_tokens = integer(&i);
-    else if (a == "--threads") o.threads = integer(&i);
+    else if (a == "--threads") {
+      o.threads = integer(&i);
+      if (o.threads <= 0) throw InputError("--threads must be a positive count, not " + std::to_string(o.threads));
+    }
     else if (a == "--touch-kv") o.touch_kv = true;
     else if (a == "--no-verify") o.verify = false;
     else if (a == "--library") o.library = value(&i);
@@ -706,13 +710,64 @@ RunOptions ParseArgs(const std::vector<std::string>& args) {
   return o;
 }
 
-JsonLine Header(int threads) {
+// The CPUs of a run without --threads (edgedeploy/runtime/cpus.py's rule): every CPU this process may
+// run on, less the slowest cluster of a big.LITTLE chip; the process is pinned to them so TVM's pool
+// never lands on a little core. With --threads, the allowed CPUs as they are.
+struct CpuPlan {
+  int threads = 0;
+  std::vector<int64_t> cpus;
+  bool by_default = false;
+};
+
+int64_t MaxFreqKhz(int cpu) {
+  std::ifstream f("/sys/devices/system/cpu/cpu" + std::to_string(cpu) + "/cpufreq/cpuinfo_max_freq");
+  int64_t khz = 0;
+  return (f >> khz) ? khz : 0;
+}
+
+CpuPlan PlanThreads(int requested) {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  std::vector<int64_t> allowed;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) {
+    for (int c = 0; c < CPU_SETSIZE; ++c) if (CPU_ISSET(c, &set)) allowed.push_back(c);
+  }
+  if (allowed.empty()) allowed.push_back(0);
+  CpuPlan plan;
+  if (requested > 0) {
+    plan.threads = requested;
+    plan.cpus = allowed;
+    return plan;
+  }
+  std::map<int64_t, int64_t> freq;
+  std::set<int64_t> clocks;
+  for (int64_t c : allowed) clocks.insert(freq[c] = MaxFreqKhz(static_cast<int>(c)));
+  plan.cpus = allowed;
+  if (!clocks.count(0) && clocks.size() > 1) {
+    plan.cpus.clear();
+    CPU_ZERO(&set);
+    for (int64_t c : allowed) {
+      if (freq[c] > *clocks.begin()) {
+        plan.cpus.push_back(c);
+        CPU_SET(static_cast<int>(c), &set);
+      }
+    }
+    sched_setaffinity(0, sizeof(set), &set);
+  }
+  plan.threads = static_cast<int>(plan.cpus.size());
+  plan.by_default = true;
+  return plan;
+}
+
+JsonLine Header(const CpuPlan& cpu) {
   JsonLine line;
   line.Int("schema_version", kResultSchema);
   line.Str("runner", "native");
   line.Str("runner_abi", MachineName());
   line.Int("pid", static_cast<int64_t>(getpid()));
-  if (threads) line.Int("threads", threads); else line.Null("threads");
+  line.Int("threads", cpu.threads);
+  line.Set("cpus", IntList(cpu.cpus));
+  line.Bool("threads_default", cpu.by_default);
   return line;
 }
 
@@ -729,21 +784,22 @@ std::string Finish(JsonLine line, int code, int* exit_code, const std::string& e
 }  // namespace
 
 std::string Run(const RunOptions& o, int* exit_code) {
-  JsonLine line = Header(o.threads);
+  const CpuPlan cpu = PlanThreads(o.threads);
+  JsonLine line = Header(cpu);
   Prompt prompt;
   try {
     prompt = ReadPrompt(o.prompt_file);
   } catch (const InputError& e) {
     return Finish(line, kExitInput, exit_code, e.what(), "input");
   }
-  if (o.threads > 0) setenv("TVM_NUM_THREADS", std::to_string(o.threads).c_str(), 1);  // read once, at pool creation
+  setenv("TVM_NUM_THREADS", std::to_string(cpu.threads).c_str(), 1);  // read once, at pool creation
   try {
     Manifest m = ReadManifest(o.bundle_dir, o.verify);
     line.Str("target", m.target);
     line.Str("dtype", m.dtype);
     line.Int("context_window", m.context_window);
     line.Int("kv_bytes_per_token", m.kv_bytes_per_token);
-    if (o.threads > 0) Global("runtime.config_threadpool")(0, o.threads);
+    Global("runtime.config_threadpool")(0, cpu.threads);
     Engine engine(o.bundle_dir, ResolveLibrary(o, m), ResolveDevice(o, m));
     engine.Load(m.weights_index, m.files);
     if (o.touch_kv) engine.TouchKvCache();
@@ -778,7 +834,7 @@ std::string RunCommandLine(const std::vector<std::string>& args, int* exit_code)
   try {
     o = ParseArgs(args);
   } catch (const InputError& e) {
-    return Finish(Header(0), kExitInput, exit_code, e.what(), "input");
+    return Finish(Header(CpuPlan{}), kExitInput, exit_code, e.what(), "input");
   }
   return Run(o, exit_code);
 }
