@@ -171,7 +171,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
         results = profile_models([Path(b) for b in args.bundles], args.device, args.adb_server, profile, prompts,
                                  push_progress=push_progress, event=event, runs=args.runs, warmup=args.warmup,
                                  cooldown_s=args.cooldown, threads=args.threads, touch_kv=not args.no_touch_kv,
-                                 keep=args.keep, reference=Path(args.reference) if args.reference else None,
+                                 keep=args.keep, reverify=args.reverify,
+                                 reference=Path(args.reference) if args.reference else None,
                                  timeout=args.timeout, runner=args.runner,
                                  runner_dir=Path(args.runner_dir) if args.runner_dir else None,
                                  ndk=Path(args.ndk) if args.ndk else None, harness=args.harness)
@@ -389,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shell: the runner as an adb shell process; app: inside the harness app "
                         "(android_template/app), under an app's real memory limits")
     s.add_argument("--keep", action="store_true", help="leave the pushed files on the device")
+    s.add_argument("--reverify", action="store_true",
+                   help="re-hash every file already on the device (default: only those whose size or mtime changed)")
     s.add_argument("--out", help="report folder (default: reports/TIMESTAMP)")
     s.add_argument("--json", action="store_true", help="print results.json")
     s.set_defaults(func=cmd_profile)

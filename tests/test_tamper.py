@@ -184,3 +184,19 @@ def test_profile_keep_then_tamper_runs_verified_weights(bundle: Path, phone: Pho
     assert model["push"]["changed_on_device"] == ["params_shard_0.bin"]
     assert {c["name"]: c["status"] for c in model["checks"]}["parity"] == "PASS"
     assert device_file_sha(target) == sha256_file(shard_of(bundle))
+
+
+def test_profile_reverify_finds_a_change_that_kept_size_and_mtime(bundle: Path, phone: Phone, tmp_path: Path) -> None:
+    from edgedeploy.cli import main
+
+    args = ["profile", str(bundle), "--device", f"tcp:127.0.0.1:{phone.port}", "--prompts", "chat-short",
+            "--runs", "1", "--warmup", "0", "--keep"]
+    assert main([*args, "--out", str(tmp_path / "r1")]) == 0
+    target = phone.tmp / "edgedeploy/bundles/bundle/params_shard_0.bin"
+    st = target.stat()
+    flip_byte(target)
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert main([*args, "--reverify", "--out", str(tmp_path / "r2")]) == 0
+    model = json.loads((tmp_path / "r2" / "results.json").read_text())["models"][0]
+    assert model["push"]["changed_on_device"] == ["params_shard_0.bin"]
+    assert model["push"]["files_rehashed"] >= len(json.loads((bundle / MANIFEST).read_text())["files"])
