@@ -21,6 +21,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("tvm")
 
+from edgedeploy.bundle import Manifest, write_manifest  # noqa: E402
 from edgedeploy.checkpoint.config import ModelConfig, load_config  # noqa: E402
 from edgedeploy.compile.library import compile_model_library  # noqa: E402
 from edgedeploy.compile.weights import SafetensorsReader, write_tensor_cache  # noqa: E402
@@ -77,6 +78,12 @@ def _build(workdir: Path, case: str, dtype: str) -> tuple[Built, Path]:
         bundle = workdir / f"bundle-{case}-{dtype}"
         compile_model_library(b.cfg, dtype, "host", CONTEXT, CHUNK, bundle / "model.so")
         write_tensor_cache(b.ckpt, b.cfg, dtype, bundle)
+        # The engine reads only what a manifest lists: a bundle without the tokenizer, not without one.
+        write_manifest(bundle, Manifest(
+            architecture=b.cfg.architecture, family=b.cfg.family, config=b.cfg.to_dict(), parameters=0, dtype=dtype,
+            target="host", target_triple="host", context_window=CONTEXT, prefill_chunk=CHUNK, library="model.so",
+            weights_index="tensor-cache.json", weights_bytes=0, tokenizer_files=[], stop_token_ids=[],
+            tvm_version="", edgedeploy_version="", source=str(b.ckpt), created=""))
         b.bundles[dtype] = bundle
     return b, b.bundles[dtype]
 

@@ -29,6 +29,12 @@ from tvm.script import tirx as T
 #: Weight rows per parallel task: decode (one activation row) and prefill (several).
 GEMV_ROWS = 2
 GEMM_ROWS = 8
+#: Prefill register tile: MR activation rows x NR weight rows, each a vector of FP32 partial sums
+#: over LANES of ``k`` (4 x 4 accumulators + 8 operands fit AVX-512's and NEON's 32 vector registers).
+GEMM_MR, GEMM_NR, GEMM_LANES = 4, 4, 16
+#: Weight rows per parallel task in prefill (a panel that stays in L2 while every activation row
+#: passes over it), lowered for narrow projections so that each has several tasks to share out.
+GEMM_PANEL, GEMM_MIN_TASKS = 256, 8
 #: FP32 partial sums per weight row in decode: four AVX-512 / eight AVX2 / sixteen NEON registers.
 GEMV_LANES = 64
 
@@ -163,7 +169,70 @@ def _schedule_gemv(sch: s_tir.Schedule, m: MatmulBlock, epilogues: list) -> None
 
 
 def _schedule_gemm(sch: s_tir.Schedule, m: MatmulBlock, epilogues: list) -> None:
-    """Prefill: a block of ``GEMM_ROWS`` weight rows per task, every activation row passing over it.
+    """Prefill: register-blocked GEMM when the shapes allow it, else weight-row blocks (:func:`_schedule_gemm_rows`)."""
+    lanes = _divisor(m.n_red, GEMM_LANES)
+    nr = _divisor(m.n_cols, GEMM_NR)
+    if lanes < 4 or nr < 2 or len(m.row_loops) < 1:
+        _schedule_gemm_rows(sch, m, epilogues)
+        return
+    _schedule_gemm_tiled(sch, m, epilogues, lanes, nr)
+
+
+def _panel(n_cols: int, nr: int) -> int:
+    """Weight rows per task: a multiple of ``nr`` dividing ``n_cols``, at most GEMM_PANEL, if it can
+    with at least GEMM_MIN_TASKS tasks."""
+    target = max(nr, min(GEMM_PANEL, n_cols // GEMM_MIN_TASKS))
+    return next(nc for nc in range(target - target % nr, 0, -nr) if n_cols % nc == 0)
+
+
+def _schedule_gemm_tiled(sch: s_tir.Schedule, m: MatmulBlock, epilogues: list, lanes: int, nr: int) -> None:
+    """Prefill as a register-tiled GEMM: ``GEMM_MR`` activation rows x ``nr`` weight rows per micro-kernel.
+
+    ``k`` is split into vectors of ``lanes`` and rfactored, so the micro-kernel keeps MR x NR vector
+    accumulators in registers and, per step, loads MR + NR vectors for MR x NR FMAs (the row-block
+    schedule needs NR + 1 loads for NR FMAs). Both operands stay in their ``[rows, k]`` layout. The
+    activation rows are padded to a multiple of MR (``pad_einsum``: one small copy) so that the
+    micro-kernel has no bounds predicate, which otherwise kept LLVM from holding the tile in
+    registers. Each parallel task owns a panel of weight rows that stays in L2 while every
+    activation row passes over it; the epilogue runs right after each tile.
+    """
+    n_rows = len(m.row_loops)
+    row_extent = _static(sch.get(m.row_loops[-1]).extent)
+    if row_extent is None or row_extent % GEMM_MR:
+        sch.pad_einsum(m.block, [1] * (n_rows - 1) + [GEMM_MR, 1, 1])
+        for pad in sch.get_producers(m.block):
+            loops = sch.get_loops(pad)
+            sch.parallel(sch.fuse(*loops[:-1]))
+        copy = sch.get_consumers(m.block)[0]
+        if epilogues:
+            sch.compute_inline(copy)  # the epilogue reads the padded result, inside the real rows
+        else:
+            epilogues = [copy]
+    elif not epilogues:
+        epilogues = [sch.cache_write(m.block, 0, "global")]
+    loops = sch.get_loops(m.block)
+    ko, ki = sch.split(loops[-1], [None, lanes])
+    rf = sch.rfactor(ki, factor_axis=n_rows + 1)
+    loops = sch.get_loops(m.block)
+    io, ii = sch.split(loops[n_rows - 1], [None, GEMM_MR])
+    nc = _panel(m.n_cols, nr)
+    jo, jm, ji = sch.split(loops[n_rows], [None, nc // nr, nr])
+    sch.reorder(jo, *loops[: n_rows - 1], io, jm, ii, ji, loops[-1])
+    sch.compute_at(rf, jm)
+    # compute_at made one loop per non-trivial iter var of the rf block: k-lanes, rows, cols, k-steps.
+    rk, rii, rji, rko = sch.get_loops(rf)[-4:]
+    sch.reorder(rko, rii, rji, rk)
+    sch.unroll(rii)
+    sch.unroll(rji)
+    sch.vectorize(rk)
+    for blk in epilogues:
+        sch.reverse_compute_at(blk, jm)
+    sch.parallel(jo)
+    sch.decompose_reduction(rf, rko)
+
+
+def _schedule_gemm_rows(sch: s_tir.Schedule, m: MatmulBlock, epilogues: list) -> None:
+    """Prefill for shapes the tiled GEMM does not take: ``GEMM_ROWS`` weight rows per task.
 
     The ``GEMM_ROWS`` rows are unrolled inside the ``k`` loop, so LLVM vectorises ``k`` with that
     many independent accumulators and each activation vector is loaded once for all of them.
