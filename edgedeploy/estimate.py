@@ -10,9 +10,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from edgedeploy.checkpoint.config import ModelConfig
+from edgedeploy.checkpoint.config import SIZE_LIMITS, ModelConfig
 from edgedeploy.checkpoint.layout import parameter_count
 from edgedeploy.devices.profiles import DeviceProfile
+from edgedeploy.errors import InputError
 
 MB = 2**20
 DTYPE_BYTES = {"float16": 2, "float32": 4}
@@ -76,6 +77,17 @@ def temporary_buffers(cfg: ModelConfig, dtype: str, chunk: int, context: int) ->
     }
 
 
+def _tokens(what: str, n: object) -> int:
+    """``n`` if it is a token count up to the largest context config.json may declare; InputError otherwise.
+
+    The bound keeps the arithmetic in range: a KV cache for 10**300 tokens overflows the float roofline.
+    """
+    limit = SIZE_LIMITS["context_length"]
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= limit:
+        raise InputError(f"{what} must be a whole number of tokens in 1..{limit:,}, got {n!r:.40}")
+    return n
+
+
 def estimate(cfg: ModelConfig, profile: DeviceProfile, context_window: int | None = None,
              prefill_chunk: int = 512, dtype: str = "float16", parameters: int | None = None) -> Estimate:
     """Estimate peak memory and roofline speed of ``cfg`` on ``profile``.
@@ -87,8 +99,10 @@ def estimate(cfg: ModelConfig, profile: DeviceProfile, context_window: int | Non
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPE_BYTES)}")
     params = parameters if parameters is not None else parameter_count(cfg)
-    context = context_window or min(cfg.context_length, DEFAULT_CONTEXT)
-    chunk = min(prefill_chunk, context)
+    if params <= 0:
+        raise InputError("the model has no parameters (every tensor is empty); there is nothing to estimate")
+    context = _tokens("context window", context_window or min(cfg.context_length, DEFAULT_CONTEXT))
+    chunk = min(_tokens("prefill chunk", prefill_chunk), context)
     weights = params * DTYPE_BYTES[dtype]
     kv = cfg.kv_bytes_per_token * context * DTYPE_BYTES[dtype] // 2
     temps = temporary_buffers(cfg, dtype, chunk, context)

@@ -51,8 +51,22 @@ class RuleReport:
         return {"status": self.status, "findings": [f.to_dict() for f in self.findings]}
 
 
+#: Longest tensor name shown in a finding; real names are well under 100 characters.
+_NAME_CHARS = 120
+
+
+def _shown(name: str) -> str:
+    """A tensor name fit for a one-line message: as is when printable and short, else quoted and cut.
+
+    Names come from safetensors headers, so a hostile one may hold line breaks or control characters.
+    """
+    if name.isprintable() and name.strip() == name and 0 < len(name) <= _NAME_CHARS:
+        return name
+    return f"{name!r:.{_NAME_CHARS}}"
+
+
 def _names(names: list[str]) -> str:
-    shown = ", ".join(names[:_NAMES_SHOWN])
+    shown = ", ".join(_shown(n) for n in names[:_NAMES_SHOWN])
     return shown + (f" and {len(names) - _NAMES_SHOWN} more" if len(names) > _NAMES_SHOWN else "")
 
 
@@ -62,7 +76,8 @@ def check_rules(cfg: ModelConfig, raw_config: dict[str, Any], tensors: dict[str,
     qcfg = raw_config.get("quantization_config")
     if qcfg:
         method = qcfg.get("quant_method", "unknown") if isinstance(qcfg, dict) else "unknown"
-        findings.append(Finding(FAIL, f"config.json has a quantization_config (quant_method={method}): "
+        method = method if isinstance(method, str) else "unknown"
+        findings.append(Finding(FAIL, f"config.json has a quantization_config (quant_method={_shown(method)}): "
                                       "quantized models are not allowed"))
     if not tensors:
         findings.append(Finding(WARN, "no weights (config only): the rule check covers config.json alone"))
@@ -98,7 +113,7 @@ def _layout_findings(cfg: ModelConfig, tensors: dict[str, TensorInfo], quantized
                            missing))
     wrong = [n for n, shape in expected.items() if n in tensors and tensors[n].shape != shape]
     if wrong:
-        detail = "; ".join(f"{n} is {list(tensors[n].shape)}, config implies {list(expected[n])}"
+        detail = "; ".join(f"{_shown(n)} is {list(tensors[n].shape)}, config implies {list(expected[n])}"
                            for n in wrong[:_NAMES_SHOWN])
         out.append(Finding(FAIL, f"{len(wrong)} tensors do not match config.json's sizes: {detail}", wrong))
     extra = sorted(n for n in tensors if n not in expected and not n.endswith(_QUANT_SUFFIXES))
