@@ -5,15 +5,32 @@ Real ADB clients (Debian's ``adb`` via ``adb connect 127.0.0.1:PORT``, ``adb-she
 without hardware. It speaks the ADB transport (CNXN, optional AUTH, OPEN/OKAY/WRTE/CLSE) and serves
 ``shell:``, ``shell,v2,...:``, ``exec:`` and ``sync:``.
 
+What it confines and what it does not:
+
+* **Sync (push/pull/stat/list) and the phone's own files are confined to the sandbox folder.** Device ``/x/y``
+  is ``sandbox/x/y``. Every path is walked one component at a time from a descriptor of the sandbox root
+  (``O_NOFOLLOW | O_DIRECTORY`` on each directory, ``O_NOFOLLOW`` on the file), so a component swapped for a
+  symlink between a check and a use is refused, never followed. Symlinks met on the way are resolved by the
+  daemon: a relative target, or an absolute one under the sandbox's host path (what ``ln -s /data/local/tmp/a b``
+  makes in the shell), continues inside the sandbox; any other target, ``..`` above ``/``, or more than 40
+  links is refused. A push never writes through an existing name: the old file (or symlink) is unlinked and a
+  new one created with ``O_EXCL``; a target with other hard links (one could be a host file) is refused, as is
+  any non-regular file (FIFO, socket, device) for push and pull; pull opens with ``O_NONBLOCK`` and checks the
+  open file, so nothing can block the daemon. The same walk writes the phone's setup files (``getprop``,
+  ``build.prop``, ...) and the logcat file, so a reused sandbox with planted links cannot redirect them.
+  Confinement holds at resolution time: a directory renamed out of the sandbox by a host process while a push
+  is writing into it takes the file with it.
+* **The shell is not confined: it is a test double, not a security boundary.** ``shell:``, ``shell,v2,...:`` and
+  ``exec:`` run ``/bin/sh -c`` on the host as the user running the daemon, cwd ``sandbox/data/local/tmp``, and
+  can read, write and run anything that user can (``cat ~/.ssh/...``, ``ln /host/file x``, ``rm -rf ~``). Anyone
+  who can reach the port (127.0.0.1 only; ADB auth with ``auth_keys`` limits it to key holders) has that user's
+  rights. Before running, every occurrence of the device prefixes ``/data/local/tmp`` and ``/sdcard`` that starts
+  a path is rewritten to the sandbox folder; paths built at run time (``cd /data; cd local``) are not. A sandbox
+  path with characters that mean something to the shell (a space, quotes, ``$``) is reached through a private
+  alias (a symlink in a fresh temporary folder, removed when the daemon stops), so the rewrite is a plain splice.
+
 Device model and its limits:
 
-* The device filesystem is the ``sandbox`` folder: device ``/x/y`` is ``sandbox/x/y``. Sync paths whose
-  ``..`` climb above ``/`` or that resolve (through symlinks) outside the sandbox are refused.
-* Shell commands run on the host with ``/bin/sh -c``, cwd ``sandbox/data/local/tmp``. Before running, every
-  occurrence of the device prefixes ``/data/local/tmp`` and ``/sdcard`` that starts a path is rewritten
-  to the sandbox folder (the sandbox path is restricted to ``[A-Za-z0-9_./+-]`` so the rewrite is safe inside
-  quotes). Paths built at run time inside the command (``cd /data; cd local``) are not rewritten, and
-  commands can still touch the host: this is a test double, not a security boundary.
 * ``getprop`` and ``logcat`` are small scripts in ``sandbox/system/bin`` (prepended to ``PATH``).
   ``/proc/meminfo`` stays the host's; the phone's RAM is the prop ``ro.edgedeploy.memtotal_kb``.
 * Memory budget (a stand-in for Android's lmkd): the RSS of each shell process tree is polled every 20 ms;
@@ -25,7 +42,13 @@ Device model and its limits:
   gets EOF and the whole tree is SIGKILLed after ``CLOSE_GRACE_S`` (at once if the connection drops). Jobs a
   finished command left detached keep running, as on a phone (unwatched by the memory budget), until the
   daemon stops, which kills every process group it started.
-* Output is not rewritten back: commands that print paths show host sandbox paths.
+* Output is not rewritten back: commands that print paths show host sandbox paths (or the alias).
+* Transport bounds, so one client cannot stall or bloat the daemon for the others: OKAY is withheld while a
+  stream holds 4 MiB of unread input or its connection 64 MiB, and a peer that sends a WRTE while its OKAY is
+  withheld (ignoring ADB flow control) is disconnected; at most ``MAX_STREAMS`` (64) streams per connection
+  (more OPENs are refused with CLSE); a packet whose first byte arrived must be complete within
+  ``packet_timeout_s`` (default 30 s), else the connection is dropped (idling between packets is fine, as with
+  adbd). Sync file I/O runs in worker threads, and, as on adbd, a sync stream ends after a FAIL.
 * Props: ``ro.product.cpu.abi`` (and ``ro.product.cpu.abilist``) default to ``abi``, else the host's ABI in
   Android names (x86_64 -> ``x86_64``, aarch64 -> ``arm64-v8a``); ``ro.edgedeploy.python`` is the daemon's
   ``sys.executable`` (a host python that can run ``-m edgedeploy.runtime.runner``); ``ro.edgedeploy.virtual``
@@ -52,8 +75,10 @@ Faults and limits (for testing what a client does when a phone misbehaves):
   any lost connection.
 
 Run standalone: ``python -m edgedeploy.devices.virtual_phone --port P --sandbox DIR [--budget-mb N]
-[--prop k=v ...] [--auth-keys FILE] [--allow-any-key] [--disk-mb N] [--drop-after-bytes N] [--abi ABI]``
-(``--port 0`` picks a free port; the ``virtual phone listening on 127.0.0.1:PORT`` line gives it).
+[--prop k=v ...] [--auth-keys FILE] [--allow-any-key] [--disk-mb N] [--drop-after-bytes N] [--abi ABI]
+[--packet-timeout S]`` (``--port 0`` picks a free port; the ``virtual phone listening on 127.0.0.1:PORT`` line
+gives it). Bad options (port out of range, negative budgets, an unreadable or malformed ``--auth-keys`` file, a
+sandbox that is not a folder) raise :class:`~edgedeploy.errors.InputError`; ``main`` prints it as one line.
 """
 
 from __future__ import annotations
@@ -61,19 +86,27 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import binascii
 import contextlib
 import errno
+import functools
 import os
 import platform
 import re
 import shlex
+import shutil
 import signal
+import socket as socket_module
 import stat
 import struct
 import sys
+import tempfile
 import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import psutil
@@ -81,6 +114,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+
+from edgedeploy.errors import EdgeDeployError, InputError
 
 __all__ = ["VirtualPhone", "serve", "run_virtual_phone", "parse_adb_public_key", "load_auth_keys", "main"]
 
@@ -102,6 +137,18 @@ _DENT_V2 = struct.Struct("<4sIQQIIIIQqqqI")
 SYNC_DATA_MAX = 64 * 1024
 CLOSE_GRACE_S = 3.0
 _INBUF_LIMIT = 4 * MAX_PAYLOAD  # withhold OKAY past this so a fast sender cannot fill memory
+# A compliant peer sends nothing while an OKAY is withheld, so the buffer never passes the limit by more than
+# one packet; more than that means the peer ignores flow control, and its connection is dropped.
+_INBUF_CAP = _INBUF_LIMIT + MAX_PAYLOAD
+# All streams of a connection together: withhold OKAYs past this. High enough that only 16 streams that all
+# stopped reading reach it (then the others wait too), low enough to bound a connection's input buffers to
+# _CONN_INBUF_LIMIT + MAX_STREAMS packets.
+_CONN_INBUF_LIMIT = 64 * MAX_PAYLOAD
+MAX_STREAMS = 64  # open streams per connection (each may also hold a shell process)
+PACKET_TIMEOUT_S = 30.0  # a started packet must be complete within this (a stalled half-packet pins a buffer)
+_IO_CHUNK = 1 << 20  # file bytes per worker-thread call: amortises the thread hop, bounds what one call holds
+_MAX_SYMLINKS = 40  # Linux's limit too: a loop of in-sandbox links ends with ELOOP
+_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 SHELL_STDIN, SHELL_STDOUT, SHELL_STDERR, SHELL_EXIT, SHELL_CLOSE_STDIN, SHELL_WINDOW = range(6)
 FEATURES = "shell_v2,cmd,stat_v2,ls_v2,fixed_push_mkdir"
 DEVICE_PREFIXES = ("/data/local/tmp", "/sdcard")
@@ -162,9 +209,12 @@ HOST_ABIS = {
     "i386": "x86",
 }
 ENOSPC_MESSAGE = "No space left on device"
-_SAFE_SANDBOX = re.compile(r"[A-Za-z0-9_./+-]+")
+# Host paths made only of these can be spliced into a shell command, quoted or not, without changing its meaning.
+_SHELL_SAFE_PATH = re.compile(r"[A-Za-z0-9_./+-]+")
 _LOCAL_HOSTS = ("127.0.0.1", "localhost")
 LOG_TAG = "lowmemorykiller"
+LOGCAT_DEVICE_PATH = "/data/misc/logd/logcat.txt"
+_T = TypeVar("_T")
 
 
 class ProtocolError(Exception):
@@ -179,26 +229,344 @@ def _checksum(data: bytes | bytearray) -> int:
 
 
 def parse_adb_public_key(key: str | bytes) -> rsa.RSAPublicKey:
-    """Decode an adb public key (``adbkey.pub`` line: base64 of Android's RSA struct, then ``user@host``)."""
+    """Decode an adb public key (``adbkey.pub`` line: base64 of Android's RSA struct, then ``user@host``).
+
+    Raises ``ValueError`` (with the reason) for anything else: a client offers keys over the wire, so a
+    malformed one must be a clean refusal, never a stray ``struct.error``.
+    """
     text = key.decode("ascii", "replace") if isinstance(key, bytes | bytearray) else key
-    raw = base64.b64decode(text.strip().strip("\0").split()[0])
-    (words,) = struct.unpack_from("<I", raw, 0)
-    if len(raw) != 12 + 8 * words:
-        raise ValueError("not an adb RSA public key")
+    fields = text.strip().strip("\0").split()
+    if not fields:
+        raise ValueError("empty key")
+    try:
+        raw = base64.b64decode(fields[0], validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("not base64") from None
+    # Android's RSAPublicKey: u32 words, u32 n0inv, u32 n[words], u32 rr[words], u32 exponent (little-endian).
+    words = struct.unpack_from("<I", raw, 0)[0] if len(raw) >= 4 else 0
+    if not 16 <= words <= 512 or len(raw) != 12 + 8 * words:
+        raise ValueError(f"not an adb RSA public key ({len(raw)} bytes)")
     modulus = int.from_bytes(raw[8 : 8 + 4 * words], "little")
     (exponent,) = struct.unpack_from("<I", raw, 8 + 8 * words)
-    return rsa.RSAPublicNumbers(exponent, modulus).public_key()
+    try:
+        return rsa.RSAPublicNumbers(exponent, modulus).public_key()
+    except ValueError as e:
+        raise ValueError(f"invalid RSA key ({e})") from None
 
 
 def load_auth_keys(path: str | os.PathLike[str]) -> list[rsa.RSAPublicKey]:
-    """Read an ``adb_keys``-style file: one adb public key per line, blank lines and ``#`` comments skipped."""
-    lines = Path(path).read_text().splitlines()
-    return [parse_adb_public_key(line) for line in lines if line.strip() and not line.startswith("#")]
+    """Read an ``adb_keys``-style file: one adb public key per line, blank lines and ``#`` comments skipped.
+
+    Raises :class:`InputError` naming the file (and line) when it cannot be read, holds a malformed line, or
+    holds no key at all (AUTH with no key would lock every client out).
+    """
+    try:
+        lines = Path(path).read_bytes().splitlines()
+    except OSError as e:
+        raise InputError(f"{path}: cannot read the adb keys file ({e.strerror})") from None
+    keys = []
+    for number, line in enumerate(lines, 1):
+        text = line.strip()
+        if not text or text.startswith(b"#"):
+            continue
+        try:
+            keys.append(parse_adb_public_key(text))
+        except ValueError as e:
+            raise InputError(f"{path}: line {number} is not an adb public key: {e}") from None
+    if not keys:
+        raise InputError(f"{path}: no adb public key in it (expected lines like those of ~/.android/adbkey.pub)")
+    return keys
 
 
 def _signal_exit_code(returncode: int) -> int:
     # A shell reports death by signal N as 128+N; asyncio reports -N.
     return 128 - returncode if returncode < 0 else returncode & 0xFF
+
+
+# -- confined file access -----------------------------------------------------------------------------------
+def _device_parts(path: str) -> list[str]:
+    """Components of a device path (``..`` kept for the walk to resolve; empty and ``.`` dropped)."""
+    if "\0" in path:
+        raise OSError(errno.EINVAL, "path contains a NUL byte")
+    return [part for part in path.split("/") if part not in ("", ".")]
+
+
+def _refused(reason: str, path: str) -> PermissionError:
+    return PermissionError(errno.EACCES, reason, path)
+
+
+def _readlink_at(dir_fd: int, name: str) -> str | None:
+    """The target of symlink ``name`` in ``dir_fd``, or None when it is not (or no longer) a symlink."""
+    try:
+        return os.readlink(name, dir_fd=dir_fd)
+    except OSError:
+        return None
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _require_regular(st: os.stat_result, path: str, writing: bool) -> None:
+    """Refuse what sync must never open: directories, FIFOs, sockets, devices; for writes, hard-linked files."""
+    if stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(errno.EISDIR, "Is a directory", path)
+    if not stat.S_ISREG(st.st_mode):
+        raise _refused("not a regular file (FIFOs, sockets and devices are refused)", path)
+    if writing and st.st_nlink > 1:
+        # Another name of this inode may be outside the sandbox (ln /host/file /data/local/tmp/x).
+        raise _refused(f"refusing to write a file with {st.st_nlink} hard links", path)
+
+
+def _write_all(fd: int, data: bytes | bytearray) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+class SandboxFS:
+    """Race-free file access under a sandbox folder, for the daemon's own use (sync and the phone's files).
+
+    Each path is walked from a descriptor of the root, one component at a time: directories are opened with
+    ``O_NOFOLLOW | O_DIRECTORY`` relative to the previous one, so whatever is opened was a real directory inside
+    the sandbox at that instant, and a later swap of a component for a symlink cannot redirect the walk. Symlinks
+    met on the way are resolved here instead of by the kernel (see the module docstring for which are followed).
+    All methods block (they are meant for worker threads) and raise ``OSError`` (``PermissionError`` when a path
+    would leave the sandbox).
+    """
+
+    def __init__(self, root: Path, aliases: tuple[str, ...] = ()) -> None:
+        self.root = root
+        # Host prefixes that name the root in absolute symlink targets: links made by the shell carry them.
+        self._prefixes = tuple(dict.fromkeys((str(root), *aliases)))
+
+    def locate(self, device_path: str, *, follow: bool = True, make_dirs: bool = False) -> tuple[int, str]:
+        """Open the directory holding the path's last component; returns ``(dir_fd, name)``, the caller closes it.
+
+        ``name`` is ``"."`` when the path names a directory (``/``, ``a/..``, or with ``follow`` any directory).
+        With ``follow`` a final symlink is resolved first; without it the final name is returned as it is.
+        ``make_dirs`` creates missing directories before the last component (adb's ``fixed_push_mkdir``).
+        """
+        pending = _device_parts(device_path)
+        stack = [os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)]
+        links = 0
+        try:
+            while pending:
+                part = pending.pop(0)
+                if part == "..":
+                    if len(stack) == 1:
+                        raise _refused("path escapes the sandbox", device_path)
+                    os.close(stack.pop())
+                    continue
+                last = not pending
+                if last and not follow:
+                    return stack.pop(), part
+                try:
+                    stack.append(os.open(part, _O_DIR, dir_fd=stack[-1]))
+                    continue
+                except OSError as e:
+                    error = e
+                target = _readlink_at(stack[-1], part)
+                if target is not None:
+                    links += 1
+                    if links > _MAX_SYMLINKS:
+                        raise OSError(errno.ELOOP, "Too many levels of symbolic links", device_path)
+                    pending[:0] = self._link_parts(target, device_path, stack)
+                    continue
+                if last:  # a file, or nothing yet: the caller opens or creates it relative to its folder
+                    return stack.pop(), part
+                if error.errno == errno.ENOENT and make_dirs:
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(part, dir_fd=stack[-1])
+                    stack.append(os.open(part, _O_DIR, dir_fd=stack[-1]))  # O_NOFOLLOW: a swap-in fails here
+                    continue
+                raise error
+            return stack.pop(), "."
+        finally:
+            _close_all(stack)
+
+    def _link_parts(self, target: str, device_path: str, stack: list[int]) -> list[str]:
+        """Components to walk instead of a symlink; an absolute in-sandbox target restarts from the root."""
+        if not target.startswith("/"):
+            return _device_parts(target)
+        for prefix in self._prefixes:
+            if target == prefix or target.startswith(prefix + "/"):
+                _close_all(stack[1:])
+                del stack[1:]
+                return _device_parts(target[len(prefix) :])
+        raise _refused(f"symlink to {target} leaves the sandbox", device_path)
+
+    def stat(self, device_path: str, follow: bool = True) -> os.stat_result:
+        dir_fd, name = self.locate(device_path, follow=follow)
+        try:
+            return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        finally:
+            os.close(dir_fd)
+
+    def open_dir(self, device_path: str, make: bool = False) -> int:
+        """A descriptor of the directory at ``device_path`` (created, with its parents, when ``make``)."""
+        dir_fd, name = self.locate(device_path, follow=True, make_dirs=make)
+        if name == ".":
+            return dir_fd
+        try:
+            if make:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(name, dir_fd=dir_fd)
+            return os.open(name, _O_DIR, dir_fd=dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def open_read(self, device_path: str) -> int:
+        """A read descriptor of the regular file at ``device_path``; anything else is refused unopened."""
+        dir_fd, name = self.locate(device_path, follow=True)
+        try:
+            # lstat first: opening a FIFO or a device can block or have side effects, so never open one.
+            _require_regular(os.stat(name, dir_fd=dir_fd, follow_symlinks=False), device_path, writing=False)
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+        finally:
+            os.close(dir_fd)
+        try:
+            _require_regular(os.fstat(fd), device_path, writing=False)  # the name may have been swapped since
+        except OSError:
+            os.close(fd)
+            raise
+        return fd
+
+    def create(self, device_path: str, mode: int, replace_any: bool = False) -> PushTarget:
+        """A new, empty regular file at ``device_path`` (parents created), replacing what was there.
+
+        Like adbd, an existing file or symlink is unlinked and a new inode created with ``O_EXCL``, so nothing put
+        at the name in between (link, FIFO) is ever written through: the create then fails with EEXIST. A
+        non-regular or hard-linked file in the way is refused, unless ``replace_any`` (the phone's own files,
+        which it regenerates: unlinking a name never touches the data behind another link).
+        """
+        dir_fd, name = self.locate(device_path, follow=False, make_dirs=True)
+        try:
+            if name == ".":
+                raise IsADirectoryError(errno.EISDIR, "Is a directory", device_path)
+            with contextlib.suppress(FileNotFoundError):
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode):
+                    raise IsADirectoryError(errno.EISDIR, "Is a directory", device_path)
+                if not stat.S_ISLNK(st.st_mode) and not replace_any:
+                    _require_regular(st, device_path, writing=True)  # FIFO, socket, device, hard-linked: refused
+                os.unlink(name, dir_fd=dir_fd)  # a symlink is replaced, as on adbd, never written through
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(name, flags, mode, dir_fd=dir_fd)
+        except BaseException:
+            os.close(dir_fd)
+            raise
+        return PushTarget(fd, dir_fd, name)
+
+    def write_file(self, device_path: str, data: bytes, mode: int = 0o644) -> None:
+        """Create or replace a file with ``data`` (the phone's setup files)."""
+        target = self.create(device_path, mode, replace_any=True)
+        try:
+            _write_all(target.fd, data)
+            os.fchmod(target.fd, mode)  # exact mode, whatever the umask (scripts must be executable)
+        finally:
+            target.close()
+
+    def append(self, device_path: str, data: bytes) -> None:
+        """Append to a regular, singly linked file (created if missing): the logcat file."""
+        dir_fd, name = self.locate(device_path, follow=True, make_dirs=True)
+        try:
+            if name == ".":
+                raise IsADirectoryError(errno.EISDIR, "Is a directory", device_path)
+            flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+            try:
+                _require_regular(os.stat(name, dir_fd=dir_fd, follow_symlinks=False), device_path, writing=True)
+                fd = os.open(name, flags, dir_fd=dir_fd)
+            except FileNotFoundError:
+                fd = os.open(name, flags | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=dir_fd)
+        finally:
+            os.close(dir_fd)
+        try:
+            _require_regular(os.fstat(fd), device_path, writing=True)
+            _write_all(fd, data)
+        finally:
+            os.close(fd)
+
+
+@dataclass
+class PushTarget:
+    """A file being pushed: its descriptor, and its folder's descriptor and name (to finish or remove it)."""
+
+    fd: int
+    dir_fd: int
+    name: str
+
+    def finish(self, mtime: int) -> None:
+        os.utime(self.fd, (mtime, mtime))
+
+    def discard(self) -> None:
+        """Remove the file, if its name still points at the inode this push wrote."""
+        with contextlib.suppress(OSError):
+            mine = os.fstat(self.fd)
+            there = os.stat(self.name, dir_fd=self.dir_fd, follow_symlinks=False)
+            if (there.st_dev, there.st_ino) == (mine.st_dev, mine.st_ino):
+                os.unlink(self.name, dir_fd=self.dir_fd)
+
+    def close(self) -> None:
+        _close_all([self.fd, self.dir_fd])
+
+
+# -- blocking work off the event loop -------------------------------------------------------------------------
+async def _in_thread(func: Callable[[], _T], release: Callable[[_T], object] | None = None) -> _T:
+    """Run ``func`` in a worker thread; if the caller is cancelled meanwhile, ``release`` frees its result.
+
+    The worker cannot be interrupted, so a cancelled caller would otherwise leak the descriptor it opens.
+    """
+    future = asyncio.ensure_future(asyncio.to_thread(func))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        def settle(done: asyncio.Future[_T]) -> None:
+            if not done.cancelled() and done.exception() is None and release is not None:
+                release(done.result())
+
+        future.add_done_callback(settle)
+        raise
+
+
+class _WorkerResource:
+    """A host resource (descriptor, directory iterator) used by one stream through worker-thread calls.
+
+    ``close`` never frees it under a running call: a stream cancelled mid-call leaves the call running, and a
+    descriptor number closed then could be reused by an unrelated open and receive that call's bytes.
+    """
+
+    def __init__(self, release: Callable[[], object]) -> None:
+        self._release = release
+        self._running: asyncio.Future[Any] | None = None
+        self._closed = False
+
+    async def run(self, func: Callable[[], _T]) -> _T:
+        if self._closed:
+            raise OSError(errno.EBADF, "resource closed")
+        self._running = asyncio.ensure_future(asyncio.to_thread(func))
+        return await asyncio.shield(self._running)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        running = self._running
+        if running is not None and not running.done():
+            running.add_done_callback(self._release_after)
+        else:
+            self._release()
+
+    def _release_after(self, done: asyncio.Future[Any]) -> None:
+        if not done.cancelled():
+            done.exception()  # retrieved: a failure of an abandoned call is nobody's news
+        self._release()
+
+
+def _reason(e: BaseException) -> str:
+    return getattr(e, "strerror", None) or str(e)
 
 
 class _Stream:
@@ -218,17 +586,42 @@ class _Stream:
 
     # -- input -------------------------------------------------------------------------------------------
     def feed(self, data: bytes) -> None:
-        self.inbuf += data
-        self._in_event.set()
-        if len(self.inbuf) < _INBUF_LIMIT:
-            self.conn.send(A_OKAY, self.local_id, self.remote_id)
-        else:
-            self._ack_owed = True
+        """Buffer a WRTE's payload; OKAY it at once unless buffers are full (then OKAY once they drain).
 
-    def _consumed(self) -> None:
-        if self._ack_owed and len(self.inbuf) < _INBUF_LIMIT and not self.eof:
+        A WRTE while this stream's OKAY is withheld breaks ADB flow control (one WRTE in flight per stream),
+        and is what a flooding peer does: ``ProtocolError`` drops the connection. So a stream never buffers more
+        than ``_INBUF_CAP`` bytes, and a connection never more than ``_CONN_INBUF_LIMIT`` plus one packet per
+        stream, whatever the peer sends.
+        """
+        if self._ack_owed or len(self.inbuf) + len(data) > _INBUF_CAP:
+            raise ProtocolError(f"stream {self.local_id}: WRTE before OKAY (peer ignores flow control)")
+        self.inbuf += data
+        self.conn.buffered += len(data)
+        self._in_event.set()
+        self._ack_owed = True
+        self.maybe_ack()
+
+    def maybe_ack(self) -> None:
+        """Send the owed OKAY once this stream's and the connection's buffers are under their limits."""
+        if self._ack_owed and not self.eof and len(self.inbuf) < _INBUF_LIMIT \
+                and self.conn.buffered < _CONN_INBUF_LIMIT:
             self._ack_owed = False
+            self.conn.owed.discard(self)
             self.conn.send(A_OKAY, self.local_id, self.remote_id)
+        elif self._ack_owed and not self.eof:
+            self.conn.owed.add(self)
+
+    def _take(self, n: int) -> bytes:
+        data = bytes(self.inbuf[:n])
+        del self.inbuf[:n]
+        self.conn.input_consumed(len(data))
+        return data
+
+    def drop_input(self) -> None:
+        """Forget unread input (the service ended), so it no longer counts against the connection."""
+        self.conn.input_consumed(len(self.inbuf))
+        self.inbuf.clear()
+        self.conn.owed.discard(self)
 
     async def _wait_input(self, n: int) -> None:
         while len(self.inbuf) < n:
@@ -240,18 +633,12 @@ class _Stream:
     async def readexactly(self, n: int) -> bytes:
         """Next ``n`` bytes from the peer; ``EOFError`` if the stream closes first."""
         await self._wait_input(n)
-        data = bytes(self.inbuf[:n])
-        del self.inbuf[:n]
-        self._consumed()
-        return data
+        return self._take(n)
 
-    async def read_some(self) -> bytes:
-        """Whatever the peer has sent so far (at least one byte); ``EOFError`` once closed."""
+    async def read_some(self, limit: int) -> bytes:
+        """What the peer has sent so far, 1 to ``limit`` bytes; ``EOFError`` once closed."""
         await self._wait_input(1)
-        data = bytes(self.inbuf)
-        self.inbuf.clear()
-        self._consumed()
-        return data
+        return self._take(min(limit, len(self.inbuf)))
 
     # -- output ------------------------------------------------------------------------------------------
     def queue(self, data: bytes | bytearray) -> None:
@@ -296,6 +683,10 @@ class _Connection:
         self._token = b""
         self._sent_auth = False
         self.dropped = False
+        self.buffered = 0  # unread WRTE bytes over all streams
+        self.owed: set[_Stream] = set()  # streams whose OKAY waits for buffers to drain
+        sock = writer.get_extra_info("socket")
+        self._quickack = getattr(sock, "setsockopt", None) if hasattr(socket_module, "TCP_QUICKACK") else None
 
     def send(self, cmd: int, arg0: int, arg1: int, data: bytes | bytearray = b"") -> None:
         if self.dropped:
@@ -307,20 +698,44 @@ class _Connection:
     async def drain(self) -> None:
         await self.writer.drain()
 
+    def input_consumed(self, n: int) -> None:
+        """A service read ``n`` buffered bytes: OKAYs withheld for want of room may go out now."""
+        self.buffered -= n
+        for stream in list(self.owed):
+            stream.maybe_ack()
+
     async def run(self) -> None:
         try:
             while True:
-                header = await self.reader.readexactly(_HEADER.size)
-                cmd, arg0, arg1, length, _check, magic = _HEADER.unpack(header)
-                if magic != cmd ^ 0xFFFFFFFF or length > MAX_PAYLOAD:
-                    raise ProtocolError(f"bad packet header {header!r}")
-                data = await self.reader.readexactly(length) if length else b""
+                cmd, arg0, arg1, data = await self._read_packet()
                 self._dispatch(cmd, arg0, arg1, data)
                 await self.writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError, ProtocolError):
+        except (asyncio.IncompleteReadError, ConnectionError, ProtocolError, TimeoutError):
             pass
         finally:
             await self.close()
+
+    async def _read_packet(self) -> tuple[int, int, int, bytes]:
+        """The next packet. Idling between packets is fine (adb keeps connections open for ever), but once a
+        packet has started it must be complete within ``packet_timeout_s`` or the connection goes (TimeoutError):
+        a peer that stalls mid-packet would otherwise pin its half-read buffer and its streams indefinitely."""
+        first = await self.reader.readexactly(1)
+        async with asyncio.timeout(self.phone.packet_timeout_s):
+            header = first + await self.reader.readexactly(_HEADER.size - 1)
+            self._ack_now()
+            cmd, arg0, arg1, length, _check, magic = _HEADER.unpack(header)
+            if magic != cmd ^ 0xFFFFFFFF or length > MAX_PAYLOAD:
+                raise ProtocolError(f"bad packet header {header!r}")
+            data = await self.reader.readexactly(length) if length else b""
+        return cmd, arg0, arg1, data
+
+    def _ack_now(self) -> None:
+        """Send the pending TCP ACK now. Clients that write a header and its payload in two sends without
+        TCP_NODELAY (adb-shell) hold the payload until the header is ACKed, and Linux delays that ACK by up to
+        40 ms: without this, every small push, pull or stat took ~130 ms."""
+        if self._quickack is not None:
+            with contextlib.suppress(OSError):
+                self._quickack(socket_module.IPPROTO_TCP, socket_module.TCP_QUICKACK, 1)
 
     def drop(self) -> None:
         """Cut the TCP connection at once, without CLSE: what a pulled cable looks like to the client."""
@@ -404,8 +819,8 @@ class _Connection:
     def _on_open(self, remote_id: int, data: bytes) -> None:
         service = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
         handler = self.phone.service_for(service)
-        if handler is None:
-            self.send(A_CLSE, 0, remote_id)
+        if handler is None or len(self.streams) >= MAX_STREAMS:
+            self.send(A_CLSE, 0, remote_id)  # refused, as adbd refuses a service it cannot start
             return
         stream = _Stream(self, self._next_id, remote_id)
         self._next_id += 1
@@ -423,6 +838,7 @@ class _Connection:
             with contextlib.suppress(ConnectionError):
                 await stream.write(f"error: {e}\n".encode())
         finally:
+            stream.drop_input()
             if self.streams.pop(stream.local_id, None) is not None:
                 self.send(A_CLSE, stream.local_id, stream.remote_id)
 
@@ -436,12 +852,58 @@ def _verify(key: rsa.RSAPublicKey, signature: bytes, token: bytes) -> bool:
         return False
 
 
+def _check_options(port: int, memory_budget_bytes: int | None, disk_bytes: int | None,
+                   drop_after_bytes: int | None, packet_timeout_s: float, app_runner_dir: Path | None) -> None:
+    """Raise :class:`InputError` for options no phone could have, before anything is created or bound."""
+    if not 0 <= port <= 65535:
+        raise InputError(f"port {port} is out of range (0-65535; 0 picks a free one)")
+    if memory_budget_bytes is not None and memory_budget_bytes <= 0:
+        raise InputError(f"memory budget must be positive, got {memory_budget_bytes} bytes")
+    for name, value in (("disk quota", disk_bytes), ("drop-after-bytes", drop_after_bytes)):
+        if value is not None and value < 0:
+            raise InputError(f"{name} must not be negative, got {value}")
+    if not packet_timeout_s > 0:
+        raise InputError(f"packet timeout must be positive, got {packet_timeout_s} s")
+    if app_runner_dir is not None and not (Path(app_runner_dir) / "edgedeploy-runner").is_file():
+        raise InputError(f"app harness {app_runner_dir}: no edgedeploy-runner in it "
+                         "(build one with `edgedeploy package --abi host --out DIR`)")
+
+
+def _shell_path_to(root: Path) -> tuple[str, str | None]:
+    """A host path to ``root`` that can be spliced into shell commands as it is, and the alias folder if one was made.
+
+    Device paths are rewritten inside commands whose quoting is unknown (bare, '...', "..."), so the spliced path
+    must mean the same in all of them. ``root`` itself does if it is made of ``[A-Za-z0-9_./+-]``; otherwise a
+    symlink to it in a fresh private temporary folder (whose path is safe) stands in for it.
+    """
+    if _SHELL_SAFE_PATH.fullmatch(str(root)):
+        return str(root), None
+    for base in dict.fromkeys((tempfile.gettempdir(), "/tmp", "/var/tmp", "/dev/shm")):
+        if not (_SHELL_SAFE_PATH.fullmatch(base) and os.path.isdir(base)):
+            continue
+        try:
+            folder = tempfile.mkdtemp(prefix="edgedeploy-phone-", dir=base)  # 0700: other users cannot use it
+        except OSError:
+            continue
+        alias = os.path.join(folder, "root")
+        try:
+            os.symlink(root, alias)
+            if _SHELL_SAFE_PATH.fullmatch(alias):
+                return alias, folder
+        except OSError:
+            pass
+        shutil.rmtree(folder, ignore_errors=True)
+    raise InputError(f"sandbox {root}: its path has characters the shell would interpret, and no temporary "
+                     "folder with a plain path exists for an alias; choose a sandbox path of [A-Za-z0-9_./+-]")
+
+
 class VirtualPhone:
     """A device-side ADB daemon serving a sandbox folder as the phone's filesystem.
 
     ``auth_keys=None`` disables AUTH; a list (possibly empty) requires a signature from one of its keys,
     or, with ``allow_any_key``, accepts any public key the client offers. ``disk_bytes`` (push quota),
-    ``drop_after_bytes`` (one connection cut mid-push) and ``abi`` are described in the module docstring.
+    ``drop_after_bytes`` (one connection cut mid-push), ``abi`` and ``packet_timeout_s`` are described in the
+    module docstring. Out-of-range options and an unusable sandbox raise :class:`InputError`.
     """
 
     def __init__(
@@ -457,12 +919,17 @@ class VirtualPhone:
         drop_after_bytes: int | None = None,
         abi: str | None = None,
         app_runner_dir: Path | None = None,
+        packet_timeout_s: float = PACKET_TIMEOUT_S,
     ) -> None:
         if host not in _LOCAL_HOSTS:
             raise ValueError(f"the virtual phone only listens on loopback (127.0.0.1/localhost), not {host!r}")
+        _check_options(port, memory_budget_bytes, disk_bytes, drop_after_bytes, packet_timeout_s, app_runner_dir)
         self.root = Path(sandbox).resolve()
-        if not _SAFE_SANDBOX.fullmatch(str(self.root)):
-            raise ValueError(f"sandbox path must match [A-Za-z0-9_./+-]+ (it is spliced into commands): {self.root}")
+        self.shell_root, alias_dir = _shell_path_to(self.root)
+        # The alias folder goes when the daemon stops, or at the latest when this object is collected or at exit.
+        self._remove_alias = weakref.finalize(self, shutil.rmtree, alias_dir, True) if alias_dir else None
+        self.fs = SandboxFS(self.root, aliases=(self.shell_root,))
+        self.packet_timeout_s = packet_timeout_s
         self.host, self.port = "127.0.0.1", port
         self.memory_budget_bytes = memory_budget_bytes
         self.allow_any_key = allow_any_key
@@ -498,14 +965,30 @@ class VirtualPhone:
     # -- sandbox -----------------------------------------------------------------------------------------
     @property
     def logcat_path(self) -> Path:
-        return self.root / "data/misc/logd/logcat.txt"
+        return self.root / LOGCAT_DEVICE_PATH.lstrip("/")
 
     def _prepare_sandbox(self) -> None:
-        for d in ("data/local/tmp", "sdcard", "system/bin", "data/misc/logd"):
-            (self.root / d).mkdir(parents=True, exist_ok=True)
-        self.logcat_path.touch()
+        """Create the phone's folders and files through :class:`SandboxFS`, so a reused sandbox with planted
+        links cannot turn setup into a write on the host; ``InputError`` if the sandbox cannot hold them."""
+        if self.root.exists() and not self.root.is_dir():
+            raise InputError(f"sandbox {self.root}: not a folder")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._write_phone_files()
+        except OSError as e:
+            where = f" ({e.filename})" if isinstance(e.filename, str) and e.filename != str(self.root) else ""
+            raise InputError(f"sandbox {self.root}: cannot set up the phone's files{where}: {_reason(e)}") from None
+
+    def _write_phone_files(self) -> None:
+        for d in ("/data/local/tmp", "/sdcard", "/system/bin", "/data/misc/logd"):
+            os.close(self.fs.open_dir(d, make=True))
+        try:
+            self.fs.append(LOGCAT_DEVICE_PATH, b"")  # keep the log of a reused sandbox
+        except PermissionError:
+            self.fs.write_file(LOGCAT_DEVICE_PATH, b"")  # a link, FIFO or hard-linked file: start a fresh log
         prop_file = self.root / "system/build.prop"
-        prop_file.write_text("".join(f"{k}={v.replace(chr(10), ' ')}\n" for k, v in self.props.items()))
+        props = "".join(f"{k}={v.replace(chr(10), ' ')}\n" for k, v in self.props.items())
+        self.fs.write_file("/system/build.prop", props.encode())
         pf, log = shlex.quote(str(prop_file)), shlex.quote(str(self.logcat_path))
         scripts = {
             "getprop": f"""#!/bin/sh
@@ -528,9 +1011,7 @@ cat {log}
         if self.app_runner_dir is not None:
             scripts.update(self._app_harness_scripts())
         for name, text in scripts.items():
-            path = self.root / "system/bin" / name
-            path.write_text(text)
-            path.chmod(0o755)
+            self.fs.write_file(f"/system/bin/{name}", text.encode(), 0o755)
 
     def _app_harness_scripts(self) -> dict[str, str]:
         """``pm``, ``am`` and ``run-as`` that emulate the installed edgedeploy harness app.
@@ -540,7 +1021,7 @@ cat {log}
         and ``files/done`` exists when ``am`` returns; a real phone returns once the Activity started.
         """
         app = self.root / "data" / "data" / HARNESS_PACKAGE
-        (app / "files").mkdir(parents=True, exist_ok=True)
+        os.close(self.fs.open_dir(f"/data/data/{HARNESS_PACKAGE}/files", make=True))
         q = shlex.quote
         runner = q(str(Path(self.app_runner_dir or ".").resolve() / "edgedeploy-runner"))
         return {
@@ -563,19 +1044,24 @@ cd {q(str(app))} && exec "$@"
         """Bytes in regular files under the sandbox, ``/system`` excepted: the phone's /data (/sdcard lives there)."""
         seen: set[tuple[int, int]] = set()
         total = 0
-        for dirpath, dirnames, filenames in os.walk(self.root):
+        # fwalk descends through directory descriptors, never through a symlink swapped in mid-walk.
+        for dirpath, dirnames, filenames, dir_fd in os.fwalk(str(self.root)):
             if dirpath == str(self.root):
                 dirnames[:] = [d for d in dirnames if d != "system"]
             for name in filenames:
                 with contextlib.suppress(OSError):
-                    st = os.lstat(os.path.join(dirpath, name))
+                    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
                     if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
                         seen.add((st.st_dev, st.st_ino))
                         total += st.st_size
         return total
 
     def host_path(self, device_path: str) -> Path:
-        """Map a device path into the sandbox; ``PermissionError`` if it would leave the sandbox."""
+        """Map a device path into the sandbox; ``PermissionError`` if it would leave the sandbox.
+
+        For messages and tests only: the answer can be stale by the time it is used (a component swapped for a
+        symlink), so file access goes through :attr:`fs` (:class:`SandboxFS`), which cannot be raced.
+        """
         parts: list[str] = []
         for part in device_path.split("/"):
             if part in ("", "."):
@@ -594,7 +1080,7 @@ cd {q(str(app))} && exec "$@"
 
     def rewrite_command(self, command: str) -> str:
         """Point absolute device paths under the mapped prefixes into the sandbox."""
-        return self._prefix_re.sub(lambda m: str(self.root) + m.group(1), command)
+        return self._prefix_re.sub(lambda m: self.shell_root + m.group(1), command)
 
     def banner(self) -> str:
         keys = ("ro.product.name", "ro.product.model", "ro.product.device")
@@ -619,10 +1105,10 @@ cd {q(str(app))} && exec "$@"
 
     def _environment(self) -> dict[str, str]:
         env = dict(os.environ)
-        env["PATH"] = f"{self.root / 'system/bin'}{os.pathsep}{env.get('PATH', '/usr/bin:/bin')}"
-        env["EDGEDEPLOY_DEVICE_ROOT"] = str(self.root)
-        env["TMPDIR"] = str(self.root / "data/local/tmp")
-        env["ANDROID_DATA"] = str(self.root / "data")
+        env["PATH"] = f"{self.shell_root}/system/bin{os.pathsep}{env.get('PATH', '/usr/bin:/bin')}"
+        env["EDGEDEPLOY_DEVICE_ROOT"] = self.shell_root
+        env["TMPDIR"] = f"{self.shell_root}/data/local/tmp"
+        env["ANDROID_DATA"] = f"{self.shell_root}/data"
         return env
 
     async def _shell(self, stream: _Stream, command: str, v2: bool) -> None:
@@ -632,7 +1118,7 @@ cd {q(str(app))} && exec "$@"
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE if v2 else asyncio.subprocess.STDOUT,
-            cwd=self.root / "data/local/tmp",
+            cwd=f"{self.shell_root}/data/local/tmp",
             env=self._environment(),
             start_new_session=True,  # one process group per command, so a kill takes the whole tree
         )
@@ -673,13 +1159,15 @@ cd {q(str(app))} && exec "$@"
             while True:
                 if v2:
                     packet_id, length = struct.unpack("<BI", await stream.readexactly(5))
+                    if length > MAX_PAYLOAD:
+                        break  # a bogus length would wait for more than a stream may buffer: end stdin
                     data = await stream.readexactly(length) if length else b""
                     if packet_id == SHELL_CLOSE_STDIN:
                         break
                     if packet_id != SHELL_STDIN:
                         continue  # window size changes mean nothing without a pty
                 else:
-                    data = await stream.read_some()
+                    data = await stream.read_some(SYNC_DATA_MAX)  # the pipe's write buffer holds one piece
                 stdin.write(data)
                 await stdin.drain()
         except (EOFError, ConnectionError):
@@ -709,8 +1197,10 @@ cd {q(str(app))} && exec "$@"
             f"to free {rss_bytes // 1024}kB rss, 0kB swap; reason: memory budget of "
             f"{(self.memory_budget_bytes or 0) // 1024}kB exceeded\n"
         )
-        with open(self.logcat_path, "a") as f:
-            f.write(line)
+        # In the event loop on purpose: the line must be in the log before the client sees exit code 137 and
+        # runs logcat. Confined, regular files only, O_NONBLOCK: this cannot block or write outside the sandbox.
+        with contextlib.suppress(OSError):
+            self.fs.append(LOGCAT_DEVICE_PATH, line.encode())
 
     async def _sync(self, stream: _Stream) -> None:
         while True:
@@ -725,15 +1215,15 @@ cd {q(str(app))} && exec "$@"
                 return
             path = (await stream.readexactly(length)).decode("utf-8", "surrogateescape")
             if request == b"STAT":
-                stream.queue(self._stat_v1(path))
+                stream.queue(await _in_thread(functools.partial(self._stat_v1, path)))
             elif request in (b"STA2", b"LST2"):
-                stream.queue(self._stat_v2(path, request))
+                stream.queue(await _in_thread(functools.partial(self._stat_v2, path, request)))
             elif request in (b"LIST", b"LIS2"):
                 await self._list(stream, path, request == b"LIS2")
-            elif request == b"SEND":
-                await self._recv_file(stream, path)
-            elif request == b"RECV":
-                await self._send_file(stream, path)
+            elif request in (b"SEND", b"RECV"):
+                handler = self._recv_file if request == b"SEND" else self._send_file
+                if not await handler(stream, path):
+                    return  # adbd ends the sync service after a FAIL; clients open a new one per transfer
             else:
                 await _sync_fail(stream, f"unknown sync request {request!r}")
                 return
@@ -741,117 +1231,156 @@ cd {q(str(app))} && exec "$@"
 
     def _stat_v1(self, path: str) -> bytes:
         try:
-            st = os.stat(self.host_path(path))
-        except OSError:
+            st = self.fs.stat(path, follow=True)
+        except (OSError, ValueError):
             return _STAT_V1.pack(b"STAT", 0, 0, 0)  # adbd reports a missing file as all zeros
         return _STAT_V1.pack(b"STAT", st.st_mode, st.st_size & 0xFFFFFFFF, int(st.st_mtime) & 0xFFFFFFFF)
 
     def _stat_v2(self, path: str, request: bytes) -> bytes:
         try:
-            host = self.host_path(path)
-            st = os.stat(host) if request == b"STA2" else os.lstat(host)
-        except OSError as e:
-            return _STAT_V2.pack(request, e.errno or errno.EIO, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+            st = self.fs.stat(path, follow=request == b"STA2")
+        except (OSError, ValueError) as e:
+            code = getattr(e, "errno", None) or errno.EIO
+            return _STAT_V2.pack(request, code, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
         return _STAT_V2.pack(request, 0, *_stat_fields(st))
 
-    async def _list(self, stream: _Stream, path: str, v2: bool) -> None:
+    def _open_listing(self, path: str) -> _Listing:
+        dir_fd = self.fs.open_dir(path)
         try:
-            entries = list(os.scandir(self.host_path(path)))
+            return _Listing(dir_fd, os.scandir(dir_fd))
         except OSError:
-            entries = []
-        for entry in entries:
-            name = entry.name.encode("utf-8", "surrogateescape")
+            os.close(dir_fd)
+            raise
+
+    async def _list(self, stream: _Stream, path: str, v2: bool) -> None:
+        """LIST/LIS2: entries in batches read by a worker thread, so neither a huge folder nor a slow disk
+        holds up the event loop or fills memory. A missing or refused folder lists as empty, as on adbd."""
+        try:
+            entries = await _in_thread(functools.partial(self._open_listing, path), _Listing.close)
+        except (OSError, ValueError):
+            entries = None
+        if entries is not None:
+            listing = _WorkerResource(entries.close)
             try:
-                st = entry.stat(follow_symlinks=False)
-            except OSError:
-                continue
-            if v2:
-                stream.queue(_DENT_V2.pack(b"DNT2", 0, *_stat_fields(st), len(name)) + name)
-            else:
-                mtime = int(st.st_mtime) & 0xFFFFFFFF
-                stream.queue(_DENT_V1.pack(b"DENT", st.st_mode, st.st_size & 0xFFFFFFFF, mtime, len(name)) + name)
-            await stream.flush(final=False)
+                while batch := await listing.run(entries.next_batch):
+                    for name, st in batch:
+                        if v2:
+                            stream.queue(_DENT_V2.pack(b"DNT2", 0, *_stat_fields(st), len(name)) + name)
+                        else:
+                            mtime = int(st.st_mtime) & 0xFFFFFFFF
+                            size = st.st_size & 0xFFFFFFFF
+                            stream.queue(_DENT_V1.pack(b"DENT", st.st_mode, size, mtime, len(name)) + name)
+                        await stream.flush(final=False)
+            finally:
+                listing.close()
         stream.queue(b"DONE" + bytes((_DENT_V2 if v2 else _DENT_V1).size - 4))
 
-    async def _recv_file(self, stream: _Stream, spec: str) -> None:
-        """SEND from the client: stream DATA chunks into the file; answer OKAY or FAIL once DONE arrives."""
+    async def _recv_file(self, stream: _Stream, spec: str) -> bool:
+        """SEND from the client: stream DATA chunks into a new file; answer OKAY (True) or FAIL once DONE
+        arrives."""
         path, comma, mode_text = spec.rpartition(",")
+        if not comma:
+            path = spec
         error: str | None = None
-        fd = -1
-        host: Path | None = None
+        target: PushTarget | None = None
         try:
             mode = int(mode_text) if comma else 0o644
             if stat.S_ISLNK(mode):
                 raise OSError(errno.EPERM, "symlinks are not supported by the virtual phone")
-            if (path if comma else spec).endswith("/"):
+            if path.endswith("/"):
                 raise OSError(errno.EISDIR, "Is a directory")
-            host = self.host_path(path if comma else spec)
-            host.parent.mkdir(parents=True, exist_ok=True)  # fixed_push_mkdir: adbd creates parents
-            fd = os.open(host, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, (mode & 0o777) or 0o644)
+            target = await _in_thread(functools.partial(self.fs.create, path, (mode & 0o777) or 0o644),
+                                      PushTarget.close)
         except (OSError, ValueError) as e:
-            error = f"{spec}: {getattr(e, 'strerror', None) or e}"
-        # Quota: usage at the start (the target is already truncated) plus every SEND byte received since,
-        # from this push or concurrent ones; overwrites and failed pushes make it err on the full side.
-        mark = self._send_bytes
-        used = await asyncio.to_thread(self.disk_used) if self.disk_bytes is not None and fd >= 0 else 0
-        # The client streams the whole file before it reads any reply, so keep reading to DONE even on error.
+            error = f"{path}: {_reason(e)}"
+        file = _WorkerResource(target.close) if target is not None else None
         try:
-            while True:
-                request, length = _SYNC.unpack(await stream.readexactly(8))
-                if request == b"DONE":
-                    mtime = length
-                    break
-                if request != b"DATA" or length > MAX_PAYLOAD:
-                    raise ConnectionResetError(f"bad sync packet {request!r} during SEND")
-                data = await stream.readexactly(length)
-                before = self._send_bytes
-                self._send_bytes += length
-                cut = self.drop_after_bytes
-                drop = cut is not None and not self._dropped and self._send_bytes > cut
-                if drop:
-                    # Keep exactly the bytes that arrived before the cut, like storage on a phone that lost its link.
-                    data = data[: max(0, (cut or 0) - before)]
-                if error is None and self.disk_bytes is not None and used + self._send_bytes - mark > self.disk_bytes:
-                    error = ENOSPC_MESSAGE  # keep reading to DONE, as adbd does, then FAIL and remove the file
-                if fd >= 0 and error is None:
-                    try:
-                        os.write(fd, data)
-                    except OSError as e:
-                        error = f"{spec}: {e.strerror}"
-                if drop:
-                    self._dropped = True  # once per daemon lifetime, so the client's retry goes through
-                    stream.conn.drop()
-                    raise ConnectionResetError("drop_after_bytes: connection cut during SEND")
+            error, mtime = await self._receive_data(stream, target, file, error)
+            if error is None and target is not None and file is not None:
+                try:
+                    await file.run(lambda: target.finish(mtime))
+                except OSError as e:
+                    error = f"{path}: {_reason(e)}"
+            if error is None:
+                stream.queue(_SYNC.pack(b"OKAY", 0))
+                return True
+            if target is not None and file is not None:
+                await file.run(target.discard)
         finally:
-            if fd >= 0:
-                os.close(fd)
-        if error is None and host is not None:
-            os.utime(host, (mtime, mtime))
-            stream.queue(_SYNC.pack(b"OKAY", 0))
-        else:
-            if fd >= 0 and host is not None:
-                with contextlib.suppress(OSError):
-                    host.unlink()
-            await _sync_fail(stream, error or "push failed")
+            if file is not None:
+                file.close()
+        await _sync_fail(stream, error)
+        return False
 
-    async def _send_file(self, stream: _Stream, path: str) -> None:
-        """RECV for the client: DATA chunks of at most 64 KiB packed into maxdata WRTEs, then DONE."""
+    async def _receive_data(self, stream: _Stream, target: PushTarget | None, file: _WorkerResource | None,
+                            error: str | None) -> tuple[str | None, int]:
+        """Read DATA chunks up to DONE (even after an error: the client sends everything before it reads a
+        reply), writing them to ``target`` in ``_IO_CHUNK`` batches; returns the error, if any, and DONE's mtime.
+        Raises ``ConnectionResetError`` for a broken request stream and for the ``drop_after_bytes`` cut."""
+        # Quota: usage at the start (the target is already replaced by an empty file) plus every SEND byte
+        # received since, from this push or concurrent ones; overwrites and failed pushes err on the full side.
+        mark = self._send_bytes
+        used = await asyncio.to_thread(self.disk_used) if self.disk_bytes is not None and target else 0
+        pending = bytearray()
+        while True:
+            request, length = _SYNC.unpack(await stream.readexactly(8))
+            if request == b"DONE":
+                break
+            if request != b"DATA" or length > MAX_PAYLOAD:
+                raise ConnectionResetError(f"bad sync packet {request!r} during SEND")
+            data = await stream.readexactly(length)
+            before = self._send_bytes
+            self._send_bytes += length
+            cut = self.drop_after_bytes
+            drop = cut is not None and not self._dropped and self._send_bytes > cut
+            if drop:
+                # Keep exactly the bytes that arrived before the cut, like storage on a phone that lost its link.
+                data = data[: max(0, (cut or 0) - before)]
+            if error is None and self.disk_bytes is not None and used + self._send_bytes - mark > self.disk_bytes:
+                error = ENOSPC_MESSAGE  # keep reading to DONE, as adbd does, then FAIL and remove the file
+            if target is not None and file is not None and error is None:
+                pending += data
+                if len(pending) >= _IO_CHUNK or drop:
+                    error = await _write_batch(file, target, pending)
+            if drop:
+                self._dropped = True  # once per daemon lifetime, so the client's retry goes through
+                stream.conn.drop()
+                raise ConnectionResetError("drop_after_bytes: connection cut during SEND")
+        if target is not None and file is not None and error is None and pending:
+            error = await _write_batch(file, target, pending)
+        return error, length
+
+    async def _send_file(self, stream: _Stream, path: str) -> bool:
+        """RECV for the client: DATA chunks of at most 64 KiB packed into maxdata WRTEs, then DONE (True);
+        FAIL (False) if the file cannot be opened or read."""
         try:
-            f = open(self.host_path(path), "rb")  # noqa: SIM115 - closed below, across awaits
-        except OSError as e:
-            await _sync_fail(stream, f"{path}: {e.strerror}")
-            return
-        with f:
-            while chunk := f.read(SYNC_DATA_MAX):
-                stream.queue(_SYNC.pack(b"DATA", len(chunk)))
-                stream.queue(chunk)
-                await stream.flush(final=False)
+            fd = await _in_thread(functools.partial(self.fs.open_read, path), os.close)
+        except (OSError, ValueError) as e:
+            await _sync_fail(stream, f"{path}: {_reason(e)}")
+            return False
+        file = _WorkerResource(lambda: os.close(fd))
+        try:
+            while chunk := await file.run(lambda: os.read(fd, _IO_CHUNK)):
+                for start in range(0, len(chunk), SYNC_DATA_MAX):
+                    part = chunk[start : start + SYNC_DATA_MAX]
+                    stream.queue(_SYNC.pack(b"DATA", len(part)))
+                    stream.queue(part)
+                    await stream.flush(final=False)
+        except OSError as e:  # e.g. EIO mid-file: FAIL ends the transfer, as adbd does
+            await _sync_fail(stream, f"{path}: {_reason(e)}")
+            return False
+        finally:
+            file.close()
         stream.queue(_SYNC.pack(b"DONE", 0))
+        return True
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     async def start(self) -> int:
-        """Start listening; returns the bound port (useful with ``port=0``)."""
-        self._server = await asyncio.start_server(self._accept, self.host, self.port)
+        """Start listening; returns the bound port (useful with ``port=0``). ``InputError`` if it cannot bind."""
+        try:
+            self._server = await asyncio.start_server(self._accept, self.host, self.port)
+        except OSError as e:
+            raise InputError(f"cannot listen on {self.host}:{self.port}: {_reason(e)}") from None
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 
@@ -875,6 +1404,8 @@ cd {q(str(app))} && exec "$@"
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(group, signal.SIGKILL)
         self._groups.clear()
+        if self._remove_alias is not None:
+            self._remove_alias()  # the shell alias of an odd sandbox path; no command can use it any more
 
     async def serve_forever(self, announce: bool = True) -> None:
         """Serve until SIGINT/SIGTERM; prints the readiness line when ``announce``."""
@@ -895,6 +1426,39 @@ async def _sync_fail(stream: _Stream, message: str) -> None:
     raw = message.encode("utf-8", "replace")
     stream.queue(_SYNC.pack(b"FAIL", len(raw)) + raw)
     await stream.flush()
+
+
+async def _write_batch(file: _WorkerResource, target: PushTarget, pending: bytearray) -> str | None:
+    """Write and empty ``pending`` in a worker thread; the error message, or None."""
+    batch = bytes(pending)
+    pending.clear()
+    try:
+        await file.run(lambda: _write_all(target.fd, batch))
+    except OSError as e:
+        return _reason(e)
+    return None
+
+
+@dataclass
+class _Listing:
+    """A directory being listed: its descriptor (``DirEntry.stat`` uses it) and a ``scandir`` iterator over it."""
+
+    dir_fd: int
+    entries: Any
+
+    def next_batch(self, limit: int = 256) -> list[tuple[bytes, os.stat_result]]:
+        """Up to ``limit`` (name, lstat) pairs; entries removed meanwhile are skipped. Blocking."""
+        batch = []
+        for entry in self.entries:
+            with contextlib.suppress(OSError):
+                batch.append((os.fsencode(entry.name), entry.stat(follow_symlinks=False)))
+            if len(batch) >= limit:
+                break
+        return batch
+
+    def close(self) -> None:
+        self.entries.close()
+        os.close(self.dir_fd)
 
 
 def _stat_fields(st: os.stat_result) -> tuple[int, ...]:
@@ -941,10 +1505,10 @@ def serve(sandbox: Path, port: int, auth_keys_file: Path | None = None, allow_an
     """Run a virtual phone until SIGINT/SIGTERM; prints ``virtual phone listening on 127.0.0.1:PORT`` when ready.
 
     With ``auth_keys_file`` (``adb_keys`` format) clients must sign the AUTH token with one of its keys.
-    ``phone_options`` (props, memory_budget_bytes, disk_bytes, drop_after_bytes, abi, app_runner_dir) go to
-    :class:`VirtualPhone`.
+    ``phone_options`` (props, memory_budget_bytes, disk_bytes, drop_after_bytes, abi, app_runner_dir,
+    packet_timeout_s) go to :class:`VirtualPhone`. Bad options raise :class:`InputError` before anything listens.
     """
-    keys: list[Any] | None = load_auth_keys(auth_keys_file) if auth_keys_file is not None else None
+    keys: list[Any] | None = load_auth_keys(auth_keys_file) if auth_keys_file is not None else None  # InputError
     if keys is None and allow_any_key:
         keys = []
     phone = VirtualPhone(Path(sandbox), port, auth_keys=keys, allow_any_key=allow_any_key, **phone_options)
@@ -971,6 +1535,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--abi", default=None, help="ro.product.cpu.abi (default: the host's, in Android names)")
     ap.add_argument("--app-harness", type=Path, default=None, metavar="RUNNER_DIR",
                     help="emulate the installed harness app with the host native runner in RUNNER_DIR")
+    ap.add_argument("--packet-timeout", type=float, default=PACKET_TIMEOUT_S, metavar="S",
+                    help="drop a connection whose started packet is not complete within S seconds")
     args = ap.parse_args(argv)
     props = {}
     for item in args.prop:
@@ -980,8 +1546,13 @@ def main(argv: list[str] | None = None) -> int:
         props[key] = value
     budget = args.budget_mb * 1024 * 1024 if args.budget_mb else None
     disk = int(args.disk_mb * 1024 * 1024) if args.disk_mb is not None else None
-    serve(args.sandbox, args.port, args.auth_keys, args.allow_any_key, props=props, memory_budget_bytes=budget,
-          disk_bytes=disk, drop_after_bytes=args.drop_after_bytes, abi=args.abi, app_runner_dir=args.app_harness)
+    try:
+        serve(args.sandbox, args.port, args.auth_keys, args.allow_any_key, props=props, memory_budget_bytes=budget,
+              disk_bytes=disk, drop_after_bytes=args.drop_after_bytes, abi=args.abi, app_runner_dir=args.app_harness,
+              packet_timeout_s=args.packet_timeout)
+    except EdgeDeployError as e:
+        print(f"error: {e}", file=sys.stderr)  # one line for a bad option, not a traceback
+        return e.exit_code
     return 0
 
 
