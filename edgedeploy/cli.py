@@ -62,7 +62,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     else:
         print_estimate(console, est, profile, title=ck.path.name or str(ck.path))
         if not ck.rules.passed:
-            err_console.print(f"[bold red]rule check FAILED[/]: {ck.rules.findings[0].message}")
+            err_console.print(f"[bold red]rule check FAILED[/]: {escape(ck.rules.findings[0].message)}")
     return EXIT_OK if est.fits and ck.rules.passed else EXIT_FAIL
 
 
@@ -107,9 +107,10 @@ def cmd_build(args: argparse.Namespace) -> int:
         _emit_json("build", {"bundle": str(out), "manifest": describe(manifest)})
     else:
         total = sum(f["bytes"] for f in manifest.files.values())
-        console.print(f"[green]built[/] {out}  ({manifest.architecture}, {manifest.dtype}, target {manifest.target}, "
-                      f"context {manifest.context_window}, prefill chunk {manifest.prefill_chunk}, "
-                      f"{len(manifest.files)} files, {total / 2**20:,.1f} MiB)")
+        console.print("[green]built[/] " + escape(f"{out}  ({manifest.architecture}, {manifest.dtype}, target "
+                                                  f"{manifest.target}, context {manifest.context_window}, prefill "
+                                                  f"chunk {manifest.prefill_chunk}, {len(manifest.files)} files, "
+                                                  f"{total / 2**20:,.1f} MiB)"))
     return EXIT_OK
 
 
@@ -165,7 +166,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         nonlocal task
         if what == "model":
             task = None
-        bars.console.print(f"[dim]{what}[/] {detail}", highlight=False)
+        bars.console.print(f"[dim]{what}[/] {escape(detail)}", highlight=False)
 
     with bars:
         results = profile_models([Path(b) for b in args.bundles], args.device, args.adb_server, profile, prompts,
@@ -182,7 +183,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         print(paths["json"].read_text())
     else:
         print_fit(console, results)
-        console.print("reports: " + ", ".join(str(p) for p in paths.values()))
+        console.print("reports: " + escape(", ".join(str(p) for p in paths.values())))
     return EXIT_OK if results["verdict"] == "PASS" else EXIT_FAIL
 
 
@@ -211,7 +212,7 @@ def cmd_virtual_phone(args: argparse.Namespace) -> int:
     props.setdefault("ro.edgedeploy.memtotal_kb", str(int(profile.ram_mb * 1024)))
     props.setdefault("ro.edgedeploy.profile", profile.name)
     budget_mb = args.budget_mb or profile.usable_budget_mb
-    err_console.print(f"virtual phone '{profile.name}': sandbox {sandbox}, memory budget {budget_mb:,.0f} MiB",
+    err_console.print(escape(f"virtual phone '{profile.name}': sandbox {sandbox}, memory budget {budget_mb:,.0f} MiB"),
                       highlight=False)
     serve(sandbox, args.port, auth_keys_file=args.auth_keys, props=props, memory_budget_bytes=int(budget_mb * 2**20),
           disk_bytes=int(args.disk_mb * 2**20) if args.disk_mb else None, abi=args.abi,
@@ -240,7 +241,7 @@ def cmd_package(args: argparse.Namespace) -> int:
     files = build.files_to_push() + ([build.jni] if build.jni else [])
     for f in files:
         shutil.copy2(f, out / f.name)
-    console.print(f"[green]packaged[/] {build.abi} runner in {out}: " + ", ".join(f.name for f in files))
+    console.print("[green]packaged[/] " + escape(f"{build.abi} runner in {out}: " + ", ".join(f.name for f in files)))
     return EXIT_OK
 
 
@@ -252,7 +253,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     model = out / "tiny-llama"
     console.rule("[bold]1. make a tiny Llama checkpoint (random weights)")
     make_tiny_checkpoint(model, "llama", dtype="float16")
-    console.print(f"wrote {model}")
+    console.print(f"wrote {escape(str(model))}")
     console.rule("[bold]2. edgedeploy inspect")
     rc = main(["inspect", str(model)])
     console.rule("[bold]3. edgedeploy estimate --profile reference-12gb")
@@ -266,7 +267,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from edgedeploy.devices.virtual_phone_process import VirtualPhoneProcess
 
     with VirtualPhoneProcess(out / "phone", profile="reference-12gb") as phone:
-        console.print(f"virtual phone listening on 127.0.0.1:{phone.port} (sandbox {phone.sandbox})")
+        console.print(f"virtual phone listening on 127.0.0.1:{phone.port} (sandbox {escape(str(phone.sandbox))})")
         rc = max(rc, main(["profile", str(bundle), "--device", f"tcp:127.0.0.1:{phone.port}",
                            "--runs", "2", "--out", str(out / "report")]))
     return rc

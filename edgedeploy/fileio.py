@@ -108,13 +108,14 @@ def read_json_object(path: Path, what: str, max_bytes: int = MAX_JSON_BYTES) -> 
 def plain_relative_name(name: object, where: str) -> str:
     """``name`` if it is a plain relative file name (``a.bin``, ``sub/a.bin``); :class:`InputError` otherwise.
 
-    Names that files hand us (an index's shard names) must not climb out (``..``), be absolute, carry a
-    NUL or a Windows separator, or be absurdly long. Links are checked by :func:`resolve_inside`.
+    Names that files hand us (an index's shard names, a bundle manifest's files) must not climb out
+    (``..``), be absolute, carry a control character (NUL, newline: they end up in device shell
+    commands and listings) or a Windows separator, or be absurdly long. Links are checked by :func:`resolve_inside`.
     """
     if not isinstance(name, str) or not name:
         raise InputError(f"{where}: file name {name!r:.80} must be a non-empty string")
     parts = name.split("/")
-    if ("\x00" in name or "\\" in name or name.startswith("/") or len(name) > _MAX_NAME
+    if (any(ord(c) < 32 or c == "\x7f" for c in name) or "\\" in name or name.startswith("/") or len(name) > _MAX_NAME
             or any(p in ("", ".", "..") or len(p) > _MAX_COMPONENT for p in parts)):
         raise InputError(f"{where}: file name {name!r:.120} is not a plain relative name inside the folder")
     return name

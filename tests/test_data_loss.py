@@ -79,3 +79,16 @@ def test_a_real_bundle_is_replaced_and_an_empty_folder_filled(host_bundle: Path,
     empty.mkdir()
     assert build(tiny_models["qwen2"], empty) == 0 and read_manifest(empty).family == "qwen2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "empty"]
+
+
+def test_tokenizer_link_out_of_the_model_folder_is_not_copied(tiny_models: dict[str, Path], tmp_path: Path,
+                                                               capsys) -> None:
+    model = Path(shutil.copytree(tiny_models["llama"], tmp_path / "model"))
+    secret = tmp_path / "secret.txt"
+    secret.write_text("top secret")
+    (model / "tokenizer.model").symlink_to(secret)
+    assert build(model, tmp_path / "out") == 2
+    assert "tokenizer.model" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert not any("top secret" in p.read_text(errors="ignore") for p in tmp_path.rglob("*")
+                   if p.is_file() and not p.is_symlink() and p != secret and p.stat().st_size < 2**20)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from edgedeploy.errors import InputError
-from edgedeploy.fileio import read_json_object
+from edgedeploy.fileio import plain_relative_name, read_json_object
 
 MANIFEST = "bundle.json"
 SCHEMA_VERSION = 1
@@ -44,19 +44,9 @@ def is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def safe_relative_name(name: object, where: str) -> str:
-    """``name`` if it is a plain relative path that stays inside its folder; :class:`InputError` otherwise.
-
-    Every file name that comes from a file we read (a manifest, a weights index) passes through here,
-    so that no index can make us read, push or replace a file outside the folder it describes.
-    """
-    if not isinstance(name, str) or not name:
-        raise InputError(f"{where}: file name {name!r} must be a non-empty string")
-    parts = name.split("/")
-    if (any(ord(c) < 32 or c == "\x7f" for c in name) or "\\" in name or name.startswith("/") or len(name) > 1024
-            or any(p in ("", ".", "..") or len(p) > 255 for p in parts)):
-        raise InputError(f"{where}: file name {name!r} is not a plain relative name inside the folder")
-    return name
+#: Every file name that comes from a file we read (a manifest, a weights index) passes through this,
+#: so that no index can make us read, push or replace a file outside the folder it describes.
+safe_relative_name = plain_relative_name
 
 
 #: Manifest field -> (check, what the check wants); ``files`` and cross-field rules are checked apart.
@@ -124,6 +114,9 @@ class Manifest:
         return m
 
     def _check_consistency(self, where: str) -> None:
+        from edgedeploy.checkpoint.config import ModelConfig
+
+        ModelConfig.from_dict(self.config, f"{where}: config")
         if self.dtype not in ("float16", "float32"):
             raise InputError(f"{where}: dtype {self.dtype!r} is not float16 or float32")
         if self.prefill_chunk > self.context_window:

@@ -15,6 +15,7 @@ from typing import Any
 
 from edgedeploy.bundle import Manifest, is_int, write_manifest
 from edgedeploy.bundle.install import Partial, check_replaceable, install, recover
+from edgedeploy.checkpoint.folder import model_file, require_regular
 from edgedeploy.checkpoint.intake import Checkpoint, open_checkpoint
 from edgedeploy.errors import EdgeDeployError, InputError
 from edgedeploy.fileio import read_json_object
@@ -48,10 +49,12 @@ def stop_token_ids(model_dir: Path, cfg_eos: tuple[int, ...]) -> list[int]:
     ids = list(cfg_eos)
     gen = model_dir / "generation_config.json"
     if gen.is_file():
+        gen = model_file(model_dir, gen.name, str(model_dir))
         eos = read_json_object(gen, "generation_config.json").get("eos_token_id")
         ids += [e for e in (eos if isinstance(eos, list) else [eos]) if is_int(e) and e >= 0]
     tok_cfg, tok_json = model_dir / "tokenizer_config.json", model_dir / "tokenizer.json"
     if tok_cfg.is_file() and tok_json.is_file():
+        tok_cfg, tok_json = (model_file(model_dir, p.name, str(model_dir)) for p in (tok_cfg, tok_json))
         eos_tok = read_json_object(tok_cfg, "tokenizer_config.json").get("eos_token")
         if isinstance(eos_tok, dict):
             eos_tok = eos_tok.get("content")
@@ -111,7 +114,10 @@ def build_bundle(model_dir: Path | str, out_dir: Path | str, target: str = "host
                            progress=lambda done, total, _name: progress("weights", done, total))
         copied = [name for name in TOKENIZER_FILES if (model_dir / name).is_file()]
         for name in copied:
-            shutil.copy2(model_dir / name, partial / name)
+            # A link out of the model folder would copy a host file into a bundle that gets shared.
+            src = model_file(model_dir, name, str(model_dir))
+            require_regular(src, name)
+            shutil.copy2(src, partial / name)
         import tvm
 
         import edgedeploy

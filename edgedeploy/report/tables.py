@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from edgedeploy.checkpoint.intake import Checkpoint
@@ -24,10 +25,10 @@ def status_text(status: str) -> str:
 
 def print_checkpoint(console: Console, ck: Checkpoint) -> None:
     cfg = ck.config
-    t = Table(title=f"{ck.path}", show_header=False, title_justify="left")
+    t = Table(title=escape(str(ck.path)), show_header=False, title_justify="left")
     t.add_column(style="bold")
     t.add_column()
-    t.add_row("architecture", f"{cfg.architecture} ({cfg.family})")
+    t.add_row("architecture", escape(f"{cfg.architecture} ({cfg.family})"))
     t.add_row("layers / hidden", f"{cfg.num_layers} / {cfg.hidden_size}")
     t.add_row("heads / kv heads / head dim", f"{cfg.num_heads} / {cfg.num_kv_heads} / {cfg.head_dim}"
               + (f" (rotary {cfg.rotary_dim})" if cfg.rotary_dim != cfg.head_dim else ""))
@@ -50,14 +51,14 @@ def print_checkpoint(console: Console, ck: Checkpoint) -> None:
     rules.add_column("status")
     rules.add_column("finding")
     for f in ck.rules.findings:
-        rules.add_row(status_text(f.status), f.message)
+        rules.add_row(status_text(f.status), escape(f.message))
     console.print(rules)
 
 
 def print_estimate(console: Console, est: Estimate, profile: DeviceProfile, title: str) -> None:
     verdict = "FITS" if est.fits else "DOES NOT FIT"
-    t = Table(title=f"{title} on {profile.name} ({est.dtype}, context {est.context_window}, "
-                    f"prefill chunk {est.prefill_chunk})", title_justify="left")
+    t = Table(title=escape(f"{title} on {profile.name} ({est.dtype}, context {est.context_window}, "
+                           f"prefill chunk {est.prefill_chunk})"), title_justify="left")
     t.add_column("item")
     t.add_column("memory", justify="right")
     t.add_row("weights", _mb(est.weights_bytes))
@@ -77,7 +78,7 @@ def print_profiles(console: Console, profiles: list[DeviceProfile]) -> None:
     for col in ("name", "description", "RAM", "budget", "bandwidth", "target", "calibrated"):
         t.add_column(col)
     for p in profiles:
-        t.add_row(p.name, p.description, f"{p.ram_mb:,.0f} MiB", f"{p.budget_mb:,.0f} MiB",
+        t.add_row(escape(p.name), escape(p.description), f"{p.ram_mb:,.0f} MiB", f"{p.budget_mb:,.0f} MiB",
                   f"{p.memory_bandwidth_gbps:.1f} GB/s", p.target, "yes" if p.calibrated else "no")
     console.print(t)
 
@@ -85,7 +86,7 @@ def print_profiles(console: Console, profiles: list[DeviceProfile]) -> None:
 def print_run(console: Console, text: str | None, result: dict) -> None:
     """Generated text and the runner's metrics."""
     if text is not None:
-        console.print(f"[bold]output:[/] {text}")
+        console.print(f"[bold]output:[/] {escape(text)}")
     t = Table(title="run", show_header=False, title_justify="left")
     t.add_column(style="bold")
     t.add_column(justify="right")
@@ -106,23 +107,23 @@ def _med(summary: dict, key: str, fmt: str = "{:,.1f}") -> str:
 
 def print_fit(console: Console, results: dict) -> None:
     """A memory table (one row per model), then each model's reasons and per-prompt speed."""
-    t = Table(title=f"fit report on {results['profile']['name']} ({results['device'].get('serial', '')}): "
-                    f"{status_text(results['verdict'])}", title_justify="left")
+    where = escape(f"{results['profile']['name']} ({results['device'].get('serial', '')})")
+    t = Table(title=f"fit report on {where}: {status_text(results['verdict'])}", title_justify="left")
     for col in ("model", "verdict", "predicted", "measured peak", "budget", "headroom"):
         t.add_column(col, justify="left" if col in ("model", "verdict") else "right")
     for m in results["models"]:
         measured, headroom = m.get("measured_peak_bytes"), m.get("headroom_bytes")
-        t.add_row(m["model"], status_text(m.get("verdict", "?")), _mb(m["estimate"]["peak_bytes"]),
+        t.add_row(escape(m["model"]), status_text(m.get("verdict", "?")), _mb(m["estimate"]["peak_bytes"]),
                   _mb(measured) if measured else "n/a", _mb(m["budget_bytes"]),
                   _mb(headroom) if headroom is not None else "n/a")
     console.print(t)
     for m in results["models"]:
-        console.print(f"[bold]{m['model']}[/]: " + "; ".join(m.get("reasons", [])), highlight=False)
+        console.print(f"[bold]{escape(m['model'])}[/]: " + escape("; ".join(m.get("reasons", []))), highlight=False)
         p = Table(show_header=True, box=None, padding=(0, 2))
         for col in ("prompt", "tokens", "TTFT s", "prefill tok/s", "decode tok/s"):
             p.add_column(col, justify="left" if col == "prompt" else "right")
         for prompt in m.get("prompts", []):
             s = prompt["summary"]
-            p.add_row(prompt["name"], str(prompt["prompt_tokens"]), _med(s, "ttft_s", "{:.3f}"),
+            p.add_row(escape(prompt["name"]), str(prompt["prompt_tokens"]), _med(s, "ttft_s", "{:.3f}"),
                       _med(s, "prefill_tok_s"), _med(s, "decode_tok_s"))
         console.print(p)

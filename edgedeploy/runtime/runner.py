@@ -101,9 +101,9 @@ def run(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
         # Sizes, names and the weights index are always checked; --no-verify skips only the re-hash of a
         # device copy that the profiler checked against the manifest just before this run.
         verify_bundle(args.bundle, manifest, hashes=not args.no_verify, allowed=manifest.derived_files())
-        # The FP16 figure doubles for FP32 bundles.
-        kv_per_token = ModelConfig.from_dict(manifest.config).kv_bytes_per_token * (2 if manifest.dtype == "float32"
-                                                                                    else 1)
+        # The manifest's config was validated when it was read; the FP16 figure doubles for FP32 bundles.
+        cfg = ModelConfig.from_dict(manifest.config, f"{args.bundle}/bundle.json: config")
+        kv_per_token = cfg.kv_bytes_per_token * (2 if manifest.dtype == "float32" else 1)
         result.update(target=manifest.target, dtype=manifest.dtype, context_window=manifest.context_window,
                       kv_bytes_per_token=kv_per_token)
         engine = Engine(args.bundle, manifest.library, threads=cpu.threads, manifest=manifest)
