@@ -96,13 +96,16 @@ def _progress_bars() -> tuple[Any, Any]:
 
 def cmd_build(args: argparse.Namespace) -> int:
     from edgedeploy.compile.build import build_bundle, describe
+    from edgedeploy.devices.profiles import load_profile
 
     model = Path(args.model_dir)
-    out = Path(args.out) if args.out else Path("bundles") / f"{model.resolve().name}-{args.dtype}-{args.target}"
+    profile = load_profile(args.profile) if args.profile else None
+    target = args.target or (profile.target if profile else "host")
+    out = Path(args.out) if args.out else Path("bundles") / f"{model.resolve().name}-{args.dtype}-{target}"
     bars, progress = _progress_bars()
     with bars:
-        manifest = build_bundle(model, out, target=args.target, dtype=args.dtype, context_window=args.context,
-                                prefill_chunk=args.prefill_chunk, progress=progress)
+        manifest = build_bundle(model, out, target=target, dtype=args.dtype, context_window=args.context,
+                                prefill_chunk=args.prefill_chunk, progress=progress, profile=profile)
     if args.json:
         _emit_json("build", {"bundle": str(out), "manifest": describe(manifest)})
     else:
@@ -348,7 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("build", help="compile a checkpoint into a bundle (library, weights, tokenizer, manifest)")
     s.add_argument("model_dir")
-    s.add_argument("--target", choices=("host", "android", "android-opencl", "linux-aarch64"), default="host")
+    s.add_argument("--target", choices=("host", "android", "android-opencl", "linux-aarch64"),
+                   help="default: the --profile's target, else host")
+    s.add_argument("--profile", help="device profile (name or .toml) whose CPU (mcpu/mattr) phone targets compile for")
     s.add_argument("--dtype", choices=("float16", "float32"), default="float16")
     _add_window_options(s)
     s.add_argument("--out", help="bundle folder (default: bundles/NAME-DTYPE-TARGET)")

@@ -59,7 +59,7 @@ _FIELD_CHECKS: dict[str, tuple[Any, str]] = {
              "a list of non-negative integers"),
     "strs": (lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v), "a list of strings"),
 }
-_FIELD_KIND = {"config": "dict", "rules": "dict", "parameters": "int", "weights_bytes": "int",
+_FIELD_KIND = {"config": "dict", "rules": "dict", "target_cpu": "dict", "parameters": "int", "weights_bytes": "int",
                "context_window": "pos", "prefill_chunk": "pos", "tokenizer_files": "strs",
                "stop_token_ids": "ints", "schema_version": "int", "files": "dict"}
 
@@ -89,6 +89,8 @@ class Manifest:
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: The rule check at build time (the checkpoint is not beside the bundle on a device farm).
     rules: dict[str, Any] = field(default_factory=dict)
+    #: The CPU a phone build was compiled for (``mcpu``, ``mattr``, where they came from); empty for host.
+    target_cpu: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:

@@ -76,19 +76,21 @@ def _check_sizes(ck: Checkpoint, context: int, chunk: int) -> None:
 
 def build_bundle(model_dir: Path | str, out_dir: Path | str, target: str = "host", dtype: str = "float16",
                  context_window: int | None = None, prefill_chunk: int | None = None,
-                 progress: Progress = _no_progress) -> Manifest:
+                 progress: Progress = _no_progress, profile: Any = None) -> Manifest:
     """Compile the checkpoint in ``model_dir`` for ``target`` and write a verified bundle to ``out_dir``.
 
+    ``profile`` (a device profile, its name or .toml path) chooses the CPU (``mcpu``/``mattr``) that
+    phone targets compile for; without one they use a baseline ARMv8.2-A with FP16 and dot product.
     Raises :class:`RuleFailure` when the rule check fails and :class:`InputError` for bad input.
     """
     from edgedeploy.compile.library import compile_model_library
-    from edgedeploy.compile.targets import get_target
+    from edgedeploy.compile.targets import get_target, isa_from_profile
     from edgedeploy.compile.weights import write_tensor_cache
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if dtype not in ("float16", "float32"):
         raise InputError(f"--dtype must be float16 or float32, not {dtype!r}")
-    spec = get_target(target)
+    spec = get_target(target, isa_from_profile(profile) if profile is not None else None)
     ck = open_checkpoint(model_dir)
     if not ck.rules.passed:
         bad = "; ".join(f.message for f in ck.rules.findings if f.status == "FAIL")
@@ -108,7 +110,7 @@ def build_bundle(model_dir: Path | str, out_dir: Path | str, target: str = "host
     try:
         progress("compile", 0, 1)
         library = f"model{spec.library_suffix}"
-        compile_model_library(cfg, dtype, target, context, chunk, partial / library)
+        compile_model_library(cfg, dtype, target, context, chunk, partial / library, isa=spec.isa)
         progress("compile", 1, 1)
         write_tensor_cache(model_dir, cfg, dtype, partial,
                            progress=lambda done, total, _name: progress("weights", done, total))
@@ -132,7 +134,7 @@ def build_bundle(model_dir: Path | str, out_dir: Path | str, target: str = "host
             tokenizer_files=copied, stop_token_ids=stop_token_ids(model_dir, cfg.eos_token_ids),
             tvm_version=tvm.__version__, edgedeploy_version=edgedeploy.__version__,
             source=str(model_dir.resolve()), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            rules=ck.rules.to_dict(),
+            rules=ck.rules.to_dict(), target_cpu=spec.isa.to_dict() if spec.isa else {},
         )
         progress("manifest", 0, 1)
         write_manifest(partial, manifest)

@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgedeploy.checkpoint.config import ModelConfig
 from edgedeploy.errors import InputError
+
+if TYPE_CHECKING:
+    from edgedeploy.compile.targets import CpuIsa
 
 #: Tokens per KV-cache page; the runtime passes the same value to ``create_paged_kv_cache``.
 PAGE_SIZE = 16
@@ -41,8 +44,12 @@ def library_metadata(cfg: ModelConfig, dtype: str, target_name: str, context_win
 
 
 def build_ir_module(cfg: ModelConfig, dtype: str, target_name: str, context_window: int,
-                    prefill_chunk: int) -> tuple[Any, list[tuple[str, tuple[int, ...], str]], dict[str, Any]]:
-    """Export the model of ``cfg`` to a Relax IRModule; return (module, params, metadata)."""
+                    prefill_chunk: int, isa: CpuIsa | None = None,
+                    ) -> tuple[Any, list[tuple[str, tuple[int, ...], str]], dict[str, Any]]:
+    """Export the model of ``cfg`` to a Relax IRModule; return (module, params, metadata).
+
+    ``isa`` is the phone CPU of an aarch64 target (:func:`~edgedeploy.compile.targets.get_target`).
+    """
     import tvm
     from tvm import relax
 
@@ -53,7 +60,7 @@ def build_ir_module(cfg: ModelConfig, dtype: str, target_name: str, context_wind
         raise InputError("context window and prefill chunk must be positive")
     if prefill_chunk > context_window:
         raise InputError(f"prefill chunk ({prefill_chunk}) is larger than the context window ({context_window})")
-    spec = get_target(target_name)
+    spec = get_target(target_name, isa)
     target = spec.tvm_target()
     model = get_model_class(cfg.family)(cfg, dtype, target)
     mod, named_params = model.export_tvm(spec=model.get_default_spec())
@@ -66,23 +73,25 @@ def build_ir_module(cfg: ModelConfig, dtype: str, target_name: str, context_wind
 
 
 def compile_model_library(cfg: ModelConfig, dtype: str, target_name: str, context_window: int, prefill_chunk: int,
-                          out_path: Path) -> Path:
+                          out_path: Path, isa: CpuIsa | None = None) -> Path:
     """Compile the model of ``cfg`` in ``dtype`` for ``target_name`` and write the library to ``out_path``.
 
     The library bakes in the context window and prefill chunk (read back by the runtime from its
     ``_metadata`` function). ``out_path`` must end in the target's suffix (``.so`` host, ``.tar``
-    cross targets; a ``.tar`` holds aarch64 ELF objects and needs no NDK to produce). Returns ``out_path``.
+    cross targets; a ``.tar`` holds aarch64 ELF objects and needs no NDK to produce). ``isa`` is the phone
+    CPU of an aarch64 target (mcpu/mattr, usually from the device profile; the default ISA when None).
+    Returns ``out_path``.
     """
     from tvm import relax
 
     from edgedeploy.compile.pipeline import get_pipeline
     from edgedeploy.compile.targets import get_target
 
-    spec = get_target(target_name)
+    spec = get_target(target_name, isa)
     out_path = Path(out_path)
     if out_path.suffix != spec.library_suffix:
         raise InputError(f"target {target_name!r} produces a {spec.library_suffix} library, not {out_path.name}")
-    mod, _params, _meta = build_ir_module(cfg, dtype, target_name, context_window, prefill_chunk)
+    mod, _params, _meta = build_ir_module(cfg, dtype, target_name, context_window, prefill_chunk, isa)
     target = spec.tvm_target()
     ex = relax.build(mod, target=target, relax_pipeline=get_pipeline(target))
     out_path.parent.mkdir(parents=True, exist_ok=True)

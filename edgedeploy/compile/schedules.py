@@ -3,16 +3,18 @@
 After legalisation and fusion every projection is a PrimFunc with one matmul block
 ``C[b, i, j] += A[b, i, k] * W[j, k]`` (``W`` in ``[out, in]`` layout, as the checkpoint stores it)
 followed by injective epilogues (bias, residual add, cast back to FP16). Unscheduled, such a block
-runs on one core with the init inside the reduction loop. The schedule here:
+runs on one core with the init inside the reduction loop. The schedules here:
 
-* splits the output columns ``j`` into blocks of ``rows`` weight rows and runs the blocks in parallel:
-  for decode each thread streams its own contiguous slice of ``W``, for prefill a block of ``W``
-  stays in L1 while every row of ``A`` passes over it;
-* unrolls the ``rows`` weight rows so the innermost loop is a single contiguous reduction over ``k``
-  with ``rows`` independent accumulators, which LLVM vectorises at the target's own width (AVX2,
-  AVX-512 or NEON: the schedule names no vector length, so it is valid for every llvm target);
-* hoists the accumulator init out of the reduction and computes the epilogue right after each block,
-  so the FP32 intermediate shrinks to ``rows`` values per thread instead of a ``[S, N]`` buffer.
+* decode (one activation row, memory-bound): each parallel task streams its own contiguous slice of
+  ``W``, ``GEMV_ROWS`` rows at a time, into four vectors of FP32 partial sums per row (rfactor);
+* prefill (compute-bound): a register-tiled GEMM. MR activation rows x NR weight
+  rows of FP32 vector accumulators over ``k`` stay in registers while ``k`` advances, each parallel
+  task owning a panel of weight rows that stays in L2. No layout change: both operands are read in
+  their ``[rows, k]`` layout, vectorised at the target's own width: the tile and the vector lengths
+  follow the target's registers (:func:`vector_shape`: AVX-512, AVX2 or NEON), so that the
+  accumulators never spill;
+* the accumulator init is hoisted out of the reduction and the epilogue is computed right after each
+  tile, so the FP32 intermediate shrinks to a tile per thread instead of an ``[S, N]`` buffer.
 
 Functions that do not match the pattern are left as they are.
 """
@@ -29,14 +31,43 @@ from tvm.script import tirx as T
 #: Weight rows per parallel task: decode (one activation row) and prefill (several).
 GEMV_ROWS = 2
 GEMM_ROWS = 8
-#: Prefill register tile: MR activation rows x NR weight rows, each a vector of FP32 partial sums
-#: over LANES of ``k`` (4 x 4 accumulators + 8 operands fit AVX-512's and NEON's 32 vector registers).
-GEMM_MR, GEMM_NR, GEMM_LANES = 4, 4, 16
 #: Weight rows per parallel task in prefill (a panel that stays in L2 while every activation row
 #: passes over it), lowered for narrow projections so that each has several tasks to share out.
 GEMM_PANEL, GEMM_MIN_TASKS = 256, 8
-#: FP32 partial sums per weight row in decode: four AVX-512 / eight AVX2 / sixteen NEON registers.
-GEMV_LANES = 64
+
+
+@dataclass(frozen=True)
+class VectorShape:
+    """The register budget the micro-kernels are sized for: FP32 lanes per vector, vector registers."""
+
+    lanes: int
+    registers: int
+
+    @property
+    def gemm_tile(self) -> tuple[int, int]:
+        """Prefill tile (MR activation rows, NR weight rows): MR x NR accumulators plus MR + NR operands
+        must fit the registers (4 x 4 + 8 of 32; 2 x 4 + 6 of 16), or the tile spills every step."""
+        return (4, 4) if self.registers >= 32 else (2, 4)
+
+    @property
+    def gemv_lanes(self) -> int:
+        """Decode partial sums per weight row: four vectors (the FMA latency hidden, two rows in registers)."""
+        return 4 * self.lanes
+
+
+def vector_shape(target: tvm.target.Target | None) -> VectorShape:
+    """The vector registers of ``target``: AVX-512 (16 lanes, 32), AVX2 (8, 16), NEON (4, 32)."""
+    from tvm.target.codegen import target_has_features
+
+    if target is None or target.kind.name != "llvm":
+        return VectorShape(16, 32)
+    if "aarch64" in str(target.attrs.get("mtriple", "")):
+        return VectorShape(4, 32)  # NEON: 128-bit; SVE is kept off for phones (see targets.py)
+    if target_has_features("avx512f", target):
+        return VectorShape(16, 32)
+    if target_has_features("avx2", target):
+        return VectorShape(8, 16)
+    return VectorShape(4, 16)
 
 
 @dataclass(frozen=True)
@@ -128,8 +159,8 @@ def _epilogues(sch: s_tir.Schedule, matmul: s_tir.schedule.SBlockRV) -> list | N
     return rest
 
 
-def schedule_matmul(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
-    """``func`` with its matmul scheduled for the CPU, or None when it is not a matmul function."""
+def schedule_matmul(func: tirx.PrimFunc, vec: VectorShape = VectorShape(16, 32)) -> tirx.PrimFunc | None:
+    """``func`` with its matmul scheduled for a CPU with ``vec``'s registers; None when it is not a matmul."""
     sch = s_tir.Schedule(func)
     m = _find_matmul(sch)
     if m is None:
@@ -138,22 +169,22 @@ def schedule_matmul(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     if epilogues is None:
         return None
     if m.single_row:
-        _schedule_gemv(sch, m, epilogues)
+        _schedule_gemv(sch, m, epilogues, vec)
     else:
-        _schedule_gemm(sch, m, epilogues)
+        _schedule_gemm(sch, m, epilogues, vec)
     return sch.mod["main"]
 
 
-def _schedule_gemv(sch: s_tir.Schedule, m: MatmulBlock, epilogues: list) -> None:
+def _schedule_gemv(sch: s_tir.Schedule, m: MatmulBlock, epilogues: list, vec: VectorShape) -> None:
     """Decode: memory-bound, so stream ``W`` once, row after row, with explicit vector partial sums.
 
-    ``k`` is split into chunks of ``GEMV_LANES`` and rfactored: each weight row accumulates into
-    ``GEMV_LANES`` FP32 partial sums (several independent vector registers at any SIMD width, which
+    ``k`` is split into chunks of ``vec.gemv_lanes`` and rfactored: each weight row accumulates into
+    that many FP32 partial sums (several independent vector registers at any SIMD width, which
     hides the FMA latency), reduced once at the end of the row. Each thread streams a contiguous half
     of ``W``; LLVM's own reduction vectoriser, left alone, kept one accumulator and half the bandwidth.
     """
     rows = _divisor(m.n_cols, GEMV_ROWS)
-    lanes = _divisor(m.n_red, GEMV_LANES)
+    lanes = _divisor(m.n_red, vec.gemv_lanes)
     jo, ji = sch.split(m.col_loop, [None, rows])
     ko, ki = sch.split(m.red_loop, [None, lanes])
     sch.reorder(jo, ji, ko, ki)
@@ -168,14 +199,15 @@ def _schedule_gemv(sch: s_tir.Schedule, m: MatmulBlock, epilogues: list) -> None
     sch.decompose_reduction(rf, loops[-2])
 
 
-def _schedule_gemm(sch: s_tir.Schedule, m: MatmulBlock, epilogues: list) -> None:
+def _schedule_gemm(sch: s_tir.Schedule, m: MatmulBlock, epilogues: list, vec: VectorShape) -> None:
     """Prefill: register-blocked GEMM when the shapes allow it, else weight-row blocks (:func:`_schedule_gemm_rows`)."""
-    lanes = _divisor(m.n_red, GEMM_LANES)
-    nr = _divisor(m.n_cols, GEMM_NR)
+    mr, nr = vec.gemm_tile
+    lanes = _divisor(m.n_red, vec.lanes)
+    nr = _divisor(m.n_cols, nr)
     if lanes < 4 or nr < 2 or len(m.row_loops) < 1:
         _schedule_gemm_rows(sch, m, epilogues)
         return
-    _schedule_gemm_tiled(sch, m, epilogues, lanes, nr)
+    _schedule_gemm_tiled(sch, m, epilogues, lanes, mr, nr)
 
 
 def _panel(n_cols: int, nr: int) -> int:
@@ -185,8 +217,9 @@ def _panel(n_cols: int, nr: int) -> int:
     return next(nc for nc in range(target - target % nr, 0, -nr) if n_cols % nc == 0)
 
 
-def _schedule_gemm_tiled(sch: s_tir.Schedule, m: MatmulBlock, epilogues: list, lanes: int, nr: int) -> None:
-    """Prefill as a register-tiled GEMM: ``GEMM_MR`` activation rows x ``nr`` weight rows per micro-kernel.
+def _schedule_gemm_tiled(sch: s_tir.Schedule, m: MatmulBlock, epilogues: list, lanes: int, mr: int,
+                         nr: int) -> None:
+    """Prefill as a register-tiled GEMM: ``mr`` activation rows x ``nr`` weight rows per micro-kernel.
 
     ``k`` is split into vectors of ``lanes`` and rfactored, so the micro-kernel keeps MR x NR vector
     accumulators in registers and, per step, loads MR + NR vectors for MR x NR FMAs (the row-block
@@ -198,8 +231,8 @@ def _schedule_gemm_tiled(sch: s_tir.Schedule, m: MatmulBlock, epilogues: list, l
     """
     n_rows = len(m.row_loops)
     row_extent = _static(sch.get(m.row_loops[-1]).extent)
-    if row_extent is None or row_extent % GEMM_MR:
-        sch.pad_einsum(m.block, [1] * (n_rows - 1) + [GEMM_MR, 1, 1])
+    if row_extent is None or row_extent % mr:
+        sch.pad_einsum(m.block, [1] * (n_rows - 1) + [mr, 1, 1])
         for pad in sch.get_producers(m.block):
             loops = sch.get_loops(pad)
             sch.parallel(sch.fuse(*loops[:-1]))
@@ -214,7 +247,7 @@ def _schedule_gemm_tiled(sch: s_tir.Schedule, m: MatmulBlock, epilogues: list, l
     ko, ki = sch.split(loops[-1], [None, lanes])
     rf = sch.rfactor(ki, factor_axis=n_rows + 1)
     loops = sch.get_loops(m.block)
-    io, ii = sch.split(loops[n_rows - 1], [None, GEMM_MR])
+    io, ii = sch.split(loops[n_rows - 1], [None, mr])
     nc = _panel(m.n_cols, nr)
     jo, jm, ji = sch.split(loops[n_rows], [None, nc // nr, nr])
     sch.reorder(jo, *loops[: n_rows - 1], io, jm, ii, ji, loops[-1])
@@ -368,6 +401,7 @@ def _replace_decode_attention(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
 @tvm.transform.module_pass(opt_level=0, name="ScheduleCPUMatmuls")
 def schedule_cpu_matmuls(mod: tvm.ir.IRModule, _ctx: tvm.transform.PassContext) -> tvm.ir.IRModule:
     """Apply :func:`schedule_matmul` to every matmul PrimFunc and swap in :func:`decode_attention_cpu`."""
+    vec = vector_shape(tvm.target.Target.current(allow_none=True))
     updates = {}
     for gv, func in mod.functions.items():
         if not isinstance(func, tirx.PrimFunc) or func.attrs is None:
@@ -379,7 +413,7 @@ def schedule_cpu_matmuls(mod: tvm.ir.IRModule, _ctx: tvm.transform.PassContext) 
             continue
         if "tirx.is_scheduled" in func.attrs and func.attrs["tirx.is_scheduled"]:
             continue
-        new = schedule_matmul(func)
+        new = schedule_matmul(func, vec)
         if new is not None:
             updates[gv] = new.with_attr("tirx.is_scheduled", True)
     for gv, func in updates.items():

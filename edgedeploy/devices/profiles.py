@@ -45,6 +45,11 @@ class DeviceProfile:
     calibrated: bool
     source: str = ""
     props: dict[str, str] = field(default_factory=dict)
+    #: The phone's CPU for aarch64 builds, as LLVM names it (``cortex-a720``); None: not named.
+    mcpu: str | None = None
+    #: LLVM feature flags for aarch64 builds (``["+fullfp16", "-sve"]``); None: those ``mcpu`` implies, or
+    #: the default ISA (:data:`edgedeploy.compile.targets.DEFAULT_AARCH64_MATTR`) when ``mcpu`` is None too.
+    mattr: tuple[str, ...] | None = None
 
     @property
     def budget_mb(self) -> float:
@@ -64,6 +69,8 @@ _FIELDS: dict[str, str] = {
 }
 _CHOICES = {"kind": ("android", "host", "linux"), "gpu_backend": ("opencl", "none"),
             "target": ("host", "android", "android-opencl", "linux-aarch64")}
+#: Optional fields: the CPU that phone builds (android, linux-aarch64) compile for.
+_OPTIONAL = ("mcpu", "mattr")
 
 
 def _measure_host() -> dict[str, Any]:
@@ -118,9 +125,17 @@ def _validate(data: dict[str, Any], source: str) -> dict[str, Any]:
         out[name] = value
     if out["bandwidth_efficiency"] > 1:
         raise InputError(f"{source}: field 'bandwidth_efficiency' must be at most 1, got {out['bandwidth_efficiency']}")
-    unknown = sorted(set(data) - set(_FIELDS) - {"props"})
+    unknown = sorted(set(data) - set(_FIELDS) - set(_OPTIONAL) - {"props"})
     if unknown:
-        raise InputError(f"{source}: unknown field {unknown[0]!r} (known: {', '.join(_FIELDS)}, props)")
+        raise InputError(f"{source}: unknown field {unknown[0]!r} (known: {', '.join(_FIELDS)}, "
+                         f"{', '.join(_OPTIONAL)}, props)")
+    if "mcpu" in data or "mattr" in data:
+        from edgedeploy.compile.targets import make_isa
+
+        # The names' shape is checked here; whether LLVM knows them, when a build uses them.
+        isa = make_isa(data.get("mcpu"), data.get("mattr"), source=source)
+        out["mcpu"] = isa.mcpu
+        out["mattr"] = tuple(data["mattr"]) if "mattr" in data else None
     props = data.get("props", {})
     if not isinstance(props, dict) or not all(isinstance(v, str) for v in props.values()):
         raise InputError(f"{source}: [props] must map property names to strings")
