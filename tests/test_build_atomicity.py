@@ -19,6 +19,7 @@ import pytest
 
 from edgedeploy.bundle import Manifest, read_manifest, verify_bundle, write_manifest
 from edgedeploy.bundle.install import Partial, recover
+from edgedeploy.checkpoint.config import load_config
 
 KILLER = textwrap.dedent("""
     import os, shutil, signal, sys
@@ -34,6 +35,10 @@ KILLER = textwrap.dedent("""
 """)
 
 
+#: A valid model config for the manifests (their contents do not matter here, their validity does).
+CONFIG = load_config(Path(__file__).parent / "data" / "reference_configs" / "llama-3-8b")[0].to_dict()
+
+
 def make_bundle(folder: Path, marker: str) -> Path:
     """A small but valid bundle whose library holds ``marker``."""
     folder.mkdir(parents=True)
@@ -42,7 +47,7 @@ def make_bundle(folder: Path, marker: str) -> Path:
     (folder / "tensor-cache.json").write_text(json.dumps({"records": [{"dataPath": "params_shard_0.bin", "records": [
         {"name": "w", "shape": [4], "dtype": "float16", "format": "raw", "nbytes": 8, "byteOffset": 0}]}]}))
     write_manifest(folder, Manifest(
-        architecture="LlamaForCausalLM", family="llama", config={}, parameters=4, dtype="float16", target="host",
+        architecture="LlamaForCausalLM", family="llama", config=CONFIG, parameters=4, dtype="float16", target="host",
         target_triple="host", context_window=64, prefill_chunk=16, library="model.so",
         weights_index="tensor-cache.json", weights_bytes=8, tokenizer_files=[], stop_token_ids=[1],
         tvm_version="0.27", edgedeploy_version="test", source="test", created="now"))
