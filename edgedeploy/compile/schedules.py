@@ -1,4 +1,4 @@
-"""Hand-written TIR schedules for the CPU matmuls (decode GEMV, prefill GEMM).
+"""Hand-written TIR schedules for the CPU matmuls (decode GEMV, prefill GEMM); the pass that applies them.
 
 After legalisation and fusion every projection is a PrimFunc with one matmul block
 ``C[b, i, j] += A[b, i, k] * W[j, k]`` (``W`` in ``[out, in]`` layout, as the checkpoint stores it)
@@ -21,12 +21,12 @@ Functions that do not match the pattern are left as they are.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import tvm
 from tvm import s_tir, tirx
-from tvm.script import tirx as T
+
+from edgedeploy.compile import attention
 
 #: Weight rows per parallel task: decode (one activation row) and prefill (several).
 GEMV_ROWS = 2
@@ -284,130 +284,17 @@ def _schedule_gemm_rows(sch: s_tir.Schedule, m: MatmulBlock, epilogues: list) ->
         sch.reverse_compute_at(blk, m.row_loops[-1])
 
 
-#: The CPU decode attention kernel of ``nn.llm.kv_cache.TIRPagedKVCache`` (no sliding window).
-DECODE_ATTENTION = "batch_decode_paged_kv_cpu"
-
-
-def decode_attention_cpu(num_qo_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
-                         dtype: str) -> tirx.PrimFunc:
-    """A drop-in for TVM's ``batch_decode_paged_kv_cpu``: heads in parallel, vector loads over the head dim.
-
-    TVM's kernel walks one query head after another on one core, row by row, with scalar loads and an
-    online-softmax rescale of the whole output row for every key (15-23% of a decode step, linear in
-    the context). Here each query head is a parallel task with its own scratch (allocated inside the
-    task's block), a page of keys is scored at once (vectorised dot products), and
-    the running max / rescale happens once per page. Same arguments, same ``output`` and ``lse``
-    (log2-sum-exp, ``-5e4`` for an empty sequence) as TVM's. RoPE must already be in the cache
-    (``RopeMode.NORMAL``); ``rotary_mode`` 1 (inline RoPE) is rejected at run time.
-    """
-    H_qo, H_kv, D, P = num_qo_heads, num_kv_heads, head_dim, page_size
-    group = H_qo // H_kv
-    log2e = math.log2(math.e)
-
-    @T.prim_func(s_tir=True)
-    def batch_decode_paged_kv_cpu(Q_handle: T.handle, pages_handle: T.handle, page_table_indptr_handle: T.handle,
-                                  page_table_values_handle: T.handle, var_length_info: T.handle,
-                                  k_rope_pos_offset_handle: T.handle, q_rope_position_handle: T.handle,
-                                  output_handle: T.handle, lse_handle: T.handle, rotary_mode: T.int32,
-                                  rope_scale: T.float32, rope_theta: T.float32, sm_scale: T.float32):
-        T.func_attr({"tirx.is_scheduled": True, "global_symbol": "batch_decode_paged_kv_cpu"})
-        B = T.int32()
-        nnz_pages = T.int32()
-        max_num_pages = T.int32()
-        page_indptr_elem_offset = T.int32()
-        page_values_elem_offset = T.int32()
-        k_rope_pos_offset_elem_offset = T.int32()
-        q_rope_position_elem_offset = T.int32()
-        length_info_elem_offset = T.int32()
-        Q = T.match_buffer(Q_handle, (B, H_qo, D), dtype)
-        pages = T.match_buffer(pages_handle, (max_num_pages, 2, H_kv, P, D), dtype)
-        page_table_indptr = T.match_buffer(page_table_indptr_handle, (B + 1,), "int32",
-                                           elem_offset=page_indptr_elem_offset)
-        page_table_values = T.match_buffer(page_table_values_handle, (nnz_pages,), "int32",
-                                           elem_offset=page_values_elem_offset)
-        length_info = T.match_buffer(var_length_info, (B,), "int32", elem_offset=length_info_elem_offset)
-        _k_rope_pos = T.match_buffer(k_rope_pos_offset_handle, (B,), "int32", elem_offset=k_rope_pos_offset_elem_offset)
-        _q_rope_pos = T.match_buffer(q_rope_position_handle, (B,), "int32", elem_offset=q_rope_position_elem_offset)
-        output = T.match_buffer(output_handle, (B, H_qo, D), dtype)
-        lse = T.match_buffer(lse_handle, (B, H_qo), "float32")
-        T.Assert(rotary_mode == 0, "decode attention: RoPE must be applied on append (RopeMode.NORMAL)")
-        for b in T.serial(B):
-            for h_qo in T.parallel(H_qo):
-                with T.sblock("attn"):
-                    T.reads(Q[b, h_qo, 0:D], pages[0:max_num_pages, 0:2, 0:H_kv, 0:P, 0:D],
-                            page_table_indptr[b:b + 2], page_table_values[0:nnz_pages], length_info[b])
-                    T.writes(output[b, h_qo, 0:D], lse[b, h_qo])
-                    q = T.sblock_alloc_buffer((D,), "float32")
-                    acc = T.sblock_alloc_buffer((D,), "float32")
-                    s = T.sblock_alloc_buffer((P,), "float32")
-                    st = T.sblock_alloc_buffer((4,), "float32")
-                    begin: T.let[T.int32] = page_table_indptr[b]
-                    n_pages: T.let[T.int32] = page_table_indptr[b + 1] - begin
-                    h_kv: T.let[T.int32] = h_qo // group
-                    for d in T.vectorized(D):
-                        q[d] = T.Cast("float32", Q[b, h_qo, d]) * (sm_scale * log2e)
-                        acc[d] = T.float32(0)
-                    st[0] = T.float32(-5e4)
-                    st[1] = T.float32(1)
-                    for p in T.serial(n_pages):
-                        page_no: T.let[T.int32] = page_table_values[begin + p]
-                        rows: T.let[T.int32] = T.if_then_else(p == n_pages - 1, length_info[b], P)
-                        for r in T.serial(rows):
-                            # A plain reduction: with the targets' fast-math-reassoc LLVM vectorises it
-                            # with a shuffle tree at the end (explicit 16-lane partial sums summed
-                            # lane by lane measured ~30% slower over the whole kernel).
-                            s[r] = T.float32(0)
-                            for d in T.serial(D):
-                                s[r] = s[r] + q[d] * T.Cast("float32", pages[page_no, 0, h_kv, r, d])
-                        st[2] = st[0]
-                        for r in T.serial(rows):
-                            st[2] = T.max(st[2], s[r])
-                        st[3] = T.float32(0)
-                        for r in T.serial(rows):
-                            s[r] = T.exp2(s[r] - st[2])
-                            st[3] = st[3] + s[r]
-                        st[1] = st[1] * T.exp2(st[0] - st[2]) + st[3]
-                        for d in T.vectorized(D):
-                            acc[d] = acc[d] * T.exp2(st[0] - st[2])
-                        st[0] = st[2]
-                        for r in T.serial(rows):
-                            for d in T.vectorized(D):
-                                acc[d] = acc[d] + s[r] * T.Cast("float32", pages[page_no, 1, h_kv, r, d])
-                    for d in T.vectorized(D):
-                        output[b, h_qo, d] = T.Cast(dtype, acc[d] / st[1])
-                    lse[b, h_qo] = st[0] + T.log2(st[1])
-
-    return batch_decode_paged_kv_cpu
-
-
-def _replace_decode_attention(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
-    """Our decode attention with the shapes of TVM's ``func``; None when ``func`` is not the expected kernel."""
-    if len(func.params) != 13:
-        return None
-    # TVM 0.27 binds buffer parameters directly (no buffer_map): the first nine params carry shapes.
-    bufs = list(func.params[:9])
-    if any(getattr(b, "shape", None) is None for b in bufs):
-        return None
-    q, pages, length_info = bufs[0], bufs[1], bufs[4]
-    if len(q.shape) != 3 or len(pages.shape) != 5 or len(length_info.shape) != 1:
-        return None
-    dims = [_static(e) for e in (q.shape[1], pages.shape[2], pages.shape[3], q.shape[2])]
-    if any(d is None for d in dims) or dims[0] % dims[1] or _static(pages.shape[4]) != dims[3]:
-        return None
-    h_qo, h_kv, page_size, head_dim = dims
-    return decode_attention_cpu(h_qo, h_kv, head_dim, page_size, str(q.dtype))
-
-
 @tvm.transform.module_pass(opt_level=0, name="ScheduleCPUMatmuls")
 def schedule_cpu_matmuls(mod: tvm.ir.IRModule, _ctx: tvm.transform.PassContext) -> tvm.ir.IRModule:
-    """Apply :func:`schedule_matmul` to every matmul PrimFunc and swap in :func:`decode_attention_cpu`."""
+    """Apply :func:`schedule_matmul` to every matmul PrimFunc and swap in our attention kernels
+    (:mod:`edgedeploy.compile.attention`)."""
     vec = vector_shape(tvm.target.Target.current(allow_none=True))
     updates = {}
     for gv, func in mod.functions.items():
         if not isinstance(func, tirx.PrimFunc) or func.attrs is None:
             continue
-        if gv.name_hint == DECODE_ATTENTION:
-            new = _replace_decode_attention(func)
+        if gv.name_hint in (attention.DECODE, attention.PREFILL_PAGED, attention.PREFILL_RAGGED):
+            new = attention.replacement(gv.name_hint, func)
             if new is not None:
                 updates[gv] = new
             continue
