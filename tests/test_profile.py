@@ -57,6 +57,10 @@ def test_profile_virtual_phone_pass(host_bundle: Path, phone: Phone, tmp_path: P
     cases = junit.findall(".//testcase")
     assert len(cases) == 4 and not junit.findall(".//failure")
     assert "PASS" in (out / "report.md").read_text() and "<html>" in (out / "report.html").read_text()
+    # No --threads: the runner chose one thread per CPU it may use, and the report says so.
+    assert all(r["threads_default"] and r["threads"] == len(r["cpus"]) for r in doc["runs"])
+    report = (out / "report.md").read_text()
+    assert f"| threads | {doc['runs'][0]['threads']} (default: one per CPU it may use" in report
     assert _leftovers(phone) == []  # bundle and run files removed without --keep
 
 

@@ -145,6 +145,7 @@ def _model_rows(model: dict[str, Any]) -> list[tuple[str, str]]:
         ("harness", model.get("harness", "shell")),
         ("runner", f"{model['runner']['kind']} (device ABI {dev.get('abi', '?')}"
                    + (f", ELF {model['runner']['elf_machine']})" if model["runner"].get("elf_machine") else ")")),
+        ("threads", _threads(model)),
         ("push", f"{model['push']['files_sent']} files sent, {model['push']['files_skipped']} skipped, "
                  f"{model['push']['mb_per_s']} MB/s"),
     ]
@@ -155,6 +156,16 @@ def _model_rows(model: dict[str, Any]) -> list[tuple[str, str]]:
                      f"TTFT {_stat(s, 'ttft_s', '{:.3f}')} s, prefill {_stat(s, 'prefill_tok_s')} tok/s, "
                      f"decode {_stat(s, 'decode_tok_s')} tok/s, load {_stat(s, 'load_s', '{:.3f}')} s"))
     return rows
+
+
+def _threads(model: dict[str, Any]) -> str:
+    """The thread count the runner reported (and whether it chose it), from the first run that says."""
+    run = next((r for r in _all_runs(model) if isinstance(r.get("threads"), int)), None)
+    if run is None:
+        return "n/a"
+    how = "default: one per CPU it may use" if run.get("threads_default") else "--threads"
+    cpus = run.get("cpus")
+    return f"{run['threads']} ({how}" + (f"; CPUs {','.join(map(str, cpus))})" if isinstance(cpus, list) else ")")
 
 
 def to_json(results: dict[str, Any]) -> str:
