@@ -147,3 +147,17 @@ def pread_exact(fd: int, buf: memoryview, offset: int) -> None:
         if got <= 0:
             raise InputError(f"unexpected end of file reading {n} bytes at offset {offset}")
         done += got
+
+
+def check_field_names(cls: type, data: dict[str, Any], where: str) -> None:
+    """:class:`InputError` when ``data`` has a key that dataclass ``cls`` lacks, or lacks one it requires."""
+    from dataclasses import MISSING, fields
+
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise InputError(f"{where}: unknown field {unknown[0]!r:.60}")
+    required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+    missing = sorted(required - set(data))
+    if missing:
+        raise InputError(f"{where}: lacks field {missing[0]!r}")

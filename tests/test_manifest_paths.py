@@ -95,7 +95,7 @@ def test_profile_pushes_nothing_outside_the_bundle(case: str, bundle: Path, phon
     ("stop_token_ids", [1, True], "'stop_token_ids' must be a list of non-negative integers"),
     ("dtype", "int4", "dtype 'int4' is not float16 or float32"),
     ("library", 7, "'library' must be a string"),
-    ("bogus", 1, "unexpected manifest fields 'bogus'"),
+    ("bogus", 1, "unknown field 'bogus'"),
 ])
 def test_malformed_manifest_is_one_line_exit_2(field: str, value: object, needle: str, bundle: Path,
                                                capsys) -> None:
@@ -108,7 +108,7 @@ def test_malformed_manifest_is_one_line_exit_2(field: str, value: object, needle
 def test_missing_field_and_deep_nesting(bundle: Path, capsys) -> None:
     edit_manifest(bundle, lambda m: m.pop("weights_index"))
     assert main(["run", str(bundle), "--prompt", "hello"]) == 2
-    assert "manifest lacks weights_index" in capsys.readouterr().err
+    assert "bundle.json: lacks field 'weights_index'" in capsys.readouterr().err
     (bundle / MANIFEST).write_text("[" * 100_000 + "]" * 100_000)
     assert main(["run", str(bundle), "--prompt", "hello"]) == 2
     assert "Traceback" not in capsys.readouterr().err

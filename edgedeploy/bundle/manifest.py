@@ -15,12 +15,12 @@ import json
 import os
 import re
 import stat
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edgedeploy.errors import InputError
-from edgedeploy.fileio import plain_relative_name, read_json_object
+from edgedeploy.fileio import check_field_names, plain_relative_name, read_json_object
 
 MANIFEST = "bundle.json"
 SCHEMA_VERSION = 1
@@ -99,14 +99,7 @@ class Manifest:
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str) -> Manifest:
         """A manifest from parsed JSON, every field type-checked; :class:`InputError` names the first bad one."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise InputError(f"{where}: unexpected manifest fields {', '.join(map(repr, unknown[:5]))}")
-        required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
-        missing = sorted(required - set(data))
-        if missing:
-            raise InputError(f"{where}: manifest lacks {', '.join(missing)}; rebuild the bundle")
+        check_field_names(cls, data, where)
         for name, value in data.items():
             check, wants = _FIELD_CHECKS[_FIELD_KIND.get(name, "str")]
             if not check(value):

@@ -10,13 +10,13 @@ mistyped config.json (``"num_hidden_layers": 1e12``, ``"rope_theta": "abc"``) is
 from __future__ import annotations
 
 import math
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edgedeploy.checkpoint.folder import model_file
 from edgedeploy.errors import InputError
-from edgedeploy.fileio import read_json_object
+from edgedeploy.fileio import check_field_names, read_json_object
 
 #: Hugging Face class name -> architecture family (one module per family in ``edgedeploy.models``).
 ARCHITECTURES: dict[str, str] = {
@@ -101,14 +101,7 @@ class ModelConfig:
         """The inverse of :meth:`to_dict` (a bundle's or a results file's ``config``), every field checked."""
         if not isinstance(d, dict):
             raise InputError(f"{source}: the model config must be an object, got {d!r:.60}")
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise InputError(f"{source}: unknown field {unknown[0]!r:.60}")
-        required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
-        missing = sorted(required - set(d))
-        if missing:
-            raise InputError(f"{source}: lacks field {missing[0]!r}")
+        check_field_names(cls, d, source)
         d = dict(d)
         eos = d.get("eos_token_ids") or ()
         if not isinstance(eos, (list, tuple)):
