@@ -62,18 +62,24 @@ class Estimate:
 
 
 def temporary_buffers(cfg: ModelConfig, dtype: str, chunk: int, context: int) -> dict[str, int]:
-    """Bytes of the large per-chunk intermediates a prefill step holds at once.
+    """Bytes of the large per-chunk intermediates a prefill step holds at once, as our runtime lays them out.
 
-    Attention scores are float32 over the whole window at the last chunk; logits are float32 for the
-    last token only (the runtime never materialises all positions' logits).
+    The GEMMs read FP32 activations (the norm and the SiLU write them) and copy them once, padded to the
+    register tile; attention keeps only per-task scratch (:mod:`edgedeploy.compile.attention` never
+    materialises scores); logits are float32 for the last token only. ``context`` no longer matters:
+    it is kept for callers that size other things by it.
     """
     b = DTYPE_BYTES[dtype]
-    residual = 2 * chunk * cfg.hidden_size * b  # residual stream + normed copy stay live across a layer
+    f32 = 4
+    # Residual stream (model dtype) and its normed FP32 copy stay live across a layer.
+    residual = chunk * cfg.hidden_size * (b + f32)
+    qkv = chunk * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim * b
+    attn_out = chunk * cfg.num_heads * cfg.head_dim * (b + f32)  # output, then its FP32 copy for o_proj
     return {
-        "attention scores": cfg.num_heads * chunk * min(context, cfg.context_length or context) * 4 + residual,
-        "mlp activations": 2 * chunk * cfg.intermediate_size * b + residual,
-        "qkv projection": chunk * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim * b + residual,
-        "logits": cfg.vocab_size * 4 + residual,
+        "attention": qkv + attn_out + residual,
+        # gate/up output, SiLU x up in FP32, and the down projection's padded copy of it.
+        "mlp activations": chunk * cfg.intermediate_size * (2 * b + 2 * f32) + residual,
+        "logits": cfg.vocab_size * f32 + residual,
     }
 
 
