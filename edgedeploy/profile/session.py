@@ -163,6 +163,11 @@ def run_once(device: Device, runner: RunnerSpec, runner_dir: str, remote_bundle:
         err = device.run_args(["tail", "-n", "5", posixpath.join(run_dir, "stderr.txt")]).stdout.strip()
         record = {"exit_code": rc, "error": f"runner exited with code {rc} and no result"
                   + (f": {err.splitlines()[-1]}" if err else "")}
+    sampled = max((t["hwm_bytes"] for t in timeline), default=0)
+    if "peak_rss_bytes" in record and sampled > record["peak_rss_bytes"]:
+        # The runner reads its VmHWM just before it prints; the interpreter's teardown can still grow
+        # the process a little, and the samples of /proc/PID/status see that too.
+        record["peak_rss_bytes"] = sampled
     gpu = max((t.get("gpu_bytes", 0) for t in timeline), default=0)
     record.update(wall_s=wall, timeline=timeline[:: max(1, len(timeline) // 200)], device_pid=pid,
                   gpu_peak_bytes=gpu)
