@@ -64,55 +64,12 @@ def model_config(name: str) -> dict[str, Any]:
 # -- tensors --------------------------------------------------------------------------------------
 
 
-def _linear(t: dict[str, tuple[int, ...]], name: str, n_out: int, n_in: int, bias: bool) -> None:
-    t[f"{name}.weight"] = (n_out, n_in)
-    if bias:
-        t[f"{name}.bias"] = (n_out,)
-
-
 def tensor_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every tensor transformers loads for this Llama or Phi config (its state_dict,
-    without a tied ``lm_head.weight``)."""
-    arch = (cfg.get("architectures") or [""])[0]
-    h, layers, vocab = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
-    heads = cfg["num_attention_heads"]
-    kv = cfg.get("num_key_value_heads") or heads
-    hd = cfg.get("head_dim") or h // heads
-    inter = cfg["intermediate_size"]
-    t: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, h)}
-    if arch == "LlamaForCausalLM":
-        qkv_bias, mlp_bias = bool(cfg.get("attention_bias")), bool(cfg.get("mlp_bias"))
-        for i in range(layers):
-            p = f"model.layers.{i}"
-            for proj, n_out in (("q", heads * hd), ("k", kv * hd), ("v", kv * hd)):
-                _linear(t, f"{p}.self_attn.{proj}_proj", n_out, h, qkv_bias)
-            _linear(t, f"{p}.self_attn.o_proj", h, heads * hd, qkv_bias)
-            for proj in ("gate", "up"):
-                _linear(t, f"{p}.mlp.{proj}_proj", inter, h, mlp_bias)
-            _linear(t, f"{p}.mlp.down_proj", h, inter, mlp_bias)
-            t[f"{p}.input_layernorm.weight"] = (h,)
-            t[f"{p}.post_attention_layernorm.weight"] = (h,)
-        t["model.norm.weight"] = (h,)
-        if not cfg.get("tie_word_embeddings", False):
-            _linear(t, "lm_head", vocab, h, False)
-    elif arch == "PhiForCausalLM":
-        for i in range(layers):
-            p = f"model.layers.{i}"
-            for proj, n_out in (("q", heads * hd), ("k", kv * hd), ("v", kv * hd)):
-                _linear(t, f"{p}.self_attn.{proj}_proj", n_out, h, True)
-            _linear(t, f"{p}.self_attn.dense", h, heads * hd, True)
-            if cfg.get("qk_layernorm"):
-                for norm in ("q_layernorm", "k_layernorm"):
-                    t[f"{p}.self_attn.{norm}.weight"] = t[f"{p}.self_attn.{norm}.bias"] = (hd,)
-            _linear(t, f"{p}.mlp.fc1", inter, h, True)
-            _linear(t, f"{p}.mlp.fc2", h, inter, True)
-            t[f"{p}.input_layernorm.weight"] = t[f"{p}.input_layernorm.bias"] = (h,)
-        t["model.final_layernorm.weight"] = t["model.final_layernorm.bias"] = (h,)
-        if not cfg.get("tie_word_embeddings", False):
-            _linear(t, "lm_head", vocab, h, True)
-    else:
-        raise ValueError(f"bench checkpoints cover LlamaForCausalLM and PhiForCausalLM, not {arch!r}")
-    return t
+    """Name -> shape of every tensor a checkpoint of this config.json holds (the family registry's declaration)."""
+    from edgedeploy.checkpoint.config import parse_config
+    from edgedeploy.models import checkpoint_tensors
+
+    return checkpoint_tensors(parse_config(cfg, "bench config"))
 
 
 def _is_norm_weight(name: str) -> bool:

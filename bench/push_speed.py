@@ -1,10 +1,11 @@
 """Push throughput to the virtual reference phone: our bundle push against Debian ``adb push``.
 
-Usage: ``python bench/push_speed.py [--size-mb 256] [--repeat 3]``. Prints MB/s (best of ``--repeat``) for
-Debian ``adb push``, adb-shell's raw ``push``, and edgedeploy's ``push_bundle`` (differential, verified with
-the device's sha256sum) over both of its transports (direct ``tcp:`` with adb-shell, and through the adb
-server with adbutils), then each ÷ ``adb push``. Everything (sandbox, adb server HOME and log) lives in a
-temporary folder.
+Usage: ``python bench/push_speed.py [--size-mb 256] [--repeat 3]``. The payload is laid out as a bundle's
+weights are (``params_shard_N.bin`` of the build's 32 MiB shard size). Prints MB/s (best of ``--repeat``) for
+Debian ``adb push`` of that folder, adb-shell's raw ``push`` of its files, and edgedeploy's ``push_bundle``
+(differential, every file verified with the device's sha256sum) over both of its transports (direct
+``tcp:`` with adb-shell, and through the adb server), then each ÷ ``adb push``. Everything (sandbox, adb
+server HOME and log) lives in a temporary folder.
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ def _start_phone(sandbox: Path) -> tuple[subprocess.Popen[str], int]:
     return proc, int(line.rsplit(":", 1)[1])
 
 
+def _size(src: Path) -> int:
+    return sum(f.stat().st_size for f in src.iterdir())
+
+
 def _bench_adb(adb: str, port: int, src: Path, home: Path, repeat: int) -> float:
     home.mkdir(parents=True, exist_ok=True)
     server = str(_free_port())
@@ -53,9 +58,10 @@ def _bench_adb(adb: str, port: int, src: Path, home: Path, repeat: int) -> float
         times = []
         for _ in range(repeat):
             t0 = time.perf_counter()
-            run("-s", f"127.0.0.1:{port}", "push", str(src), "/data/local/tmp/bench_adb.bin")
+            run("-s", f"127.0.0.1:{port}", "push", str(src), "/data/local/tmp/bench_adb")
             times.append(time.perf_counter() - t0)
-        return src.stat().st_size / 1e6 / min(times)
+            run("-s", f"127.0.0.1:{port}", "shell", "rm", "-rf", "/data/local/tmp/bench_adb")
+        return _size(src) / 1e6 / min(times)
     finally:
         subprocess.run([adb, "-P", server, "kill-server"], env=env, capture_output=True)
 
@@ -69,24 +75,29 @@ def _bench_adb_shell(port: int, src: Path, repeat: int) -> float:
         times = []
         for _ in range(repeat):
             t0 = time.perf_counter()
-            dev.push(str(src), "/data/local/tmp/bench_adb_shell.bin")
+            for f in sorted(src.iterdir()):
+                dev.push(str(f), f"/data/local/tmp/bench_adb_shell_{f.name}")
             times.append(time.perf_counter() - t0)
-        return src.stat().st_size / 1e6 / min(times)
+        return _size(src) / 1e6 / min(times)
     finally:
         dev.close()
 
 
 def _synthetic_bundle(src: Path, out: Path) -> Path:
-    """A bundle folder holding only ``src`` as its weights, so push_bundle moves the same bytes as adb."""
+    """A bundle folder holding only ``src``'s shards as its weights, so push_bundle moves the same bytes as adb."""
     from edgedeploy.bundle import Manifest, write_manifest
+    from edgedeploy.checkpoint.config import load_config
 
+    cfg, _ = load_config(REPO_ROOT / "tests" / "data" / "reference_configs" / "llama-3-8b")
     out.mkdir()
-    os.link(src, out / "params_shard_0.bin")
+    for f in src.iterdir():
+        os.link(f, out / f.name)
     (out / "model.so").write_bytes(b"\0")
     write_manifest(out, Manifest(
-        architecture="bench", family="bench", config={}, parameters=0, dtype="float16", target="host",
+        architecture=cfg.architecture, family=cfg.family, config=cfg.to_dict(), parameters=0, dtype="float16",
+        target="host",
         target_triple="host", context_window=1, prefill_chunk=1, library="model.so",
-        weights_index="params_shard_0.bin", weights_bytes=src.stat().st_size, tokenizer_files=[],
+        weights_index="params_shard_0.bin", weights_bytes=_size(src), tokenizer_files=[],
         stop_token_ids=[], tvm_version="", edgedeploy_version="", source="", created=""))
     return out
 
@@ -127,10 +138,15 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="push_speed_") as tmp:
         work = Path(tmp)
-        src = work / "payload.bin"
-        with open(src, "wb") as f:
-            for _ in range(args.size_mb):
-                f.write(os.urandom(1 << 20))
+        from edgedeploy.compile.weights import SHARD_CAP_BYTES
+
+        src = work / "payload"
+        src.mkdir()
+        per_shard = SHARD_CAP_BYTES >> 20
+        for i in range(0, args.size_mb, per_shard):
+            with open(src / f"params_shard_{i // per_shard}.bin", "wb") as f:
+                for _ in range(min(per_shard, args.size_mb - i)):
+                    f.write(os.urandom(1 << 20))
         phone, port = _start_phone(work / "sandbox")
         try:
             adb = shutil.which("adb")
@@ -139,7 +155,7 @@ def main() -> None:
             from edgedeploy.devices.adb import AdbTcpDevice
 
             bundle = _synthetic_bundle(src, work / "bundle")
-            size = src.stat().st_size
+            size = _size(src)
             tcp = AdbTcpDevice(f"127.0.0.1:{port}")
             ours_tcp = _bench_ours(tcp, bundle, args.repeat, size)
             tcp.close()
@@ -147,7 +163,7 @@ def main() -> None:
         finally:
             os.kill(phone.pid, signal.SIGTERM)
             phone.wait(timeout=10)
-    print(f"payload: {args.size_mb} MiB, best of {args.repeat}")
+    print(f"payload: {args.size_mb} MiB in {SHARD_CAP_BYTES >> 20} MiB shards, best of {args.repeat}")
     print(f"Debian adb push : {adb_mbs:8.1f} MB/s" if adb_mbs else "Debian adb push : (adb not installed)")
     print(f"adb-shell push  : {shell_mbs:8.1f} MB/s")
     print(f"ours, tcp:      : {ours_tcp:8.1f} MB/s  (push_bundle via adb-shell, incl. device sha256 check)")

@@ -119,8 +119,9 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from edgedeploy.bundle import read_manifest
-    from edgedeploy.runtime.launch import detokenize, fit_prompt, raise_for_error, run_local, tokenize
+    from edgedeploy.runtime.launch import fit_prompt, raise_for_error, run_local
     from edgedeploy.runtime.runner import read_prompt_file
+    from edgedeploy.runtime.tokenizer import open_tokenizer, tokenizer_of
 
     bundle = Path(args.bundle)
     manifest = read_manifest(bundle)
@@ -129,20 +130,41 @@ def cmd_run(args: argparse.Namespace) -> int:
                               "run it on a device with `edgedeploy profile`, or rebuild with --target host")
     if (args.prompt is None) == (args.prompt_file is None):
         raise EdgeDeployError("give exactly one of --prompt TEXT or --prompt-file IDS.json")
+    # A prompt file's max_new_tokens and stop_token_ids count (the runner honours them); the option wins.
     if args.prompt is not None:
-        ids = tokenize(bundle, args.prompt)
+        tokenizer = open_tokenizer(bundle, "to tokenize --prompt; pass token ids with --prompt-file")
+        prompt = {"token_ids": tokenizer.encode(args.prompt)}
     else:
-        ids = read_prompt_file(Path(args.prompt_file))["token_ids"]
-    ids = fit_prompt(ids, manifest, args.max_new_tokens, args.truncate)
-    result = raise_for_error(run_local(bundle, ids, args.max_new_tokens, threads=args.threads,
-                                       touch_kv=args.touch_kv, verify=not args.no_verify))
-    text = detokenize(bundle, result["token_ids"]) if (bundle / "tokenizer.json").is_file() else None
+        prompt = read_prompt_file(Path(args.prompt_file))
+    max_new = args.max_new_tokens if args.max_new_tokens is not None else int(prompt.get("max_new_tokens", 32))
+    ids = fit_prompt(prompt["token_ids"], manifest, max_new, args.truncate)
+    result = raise_for_error(run_local(bundle, ids, max_new, threads=args.threads, touch_kv=args.touch_kv,
+                                       verify=not args.no_verify, stop_token_ids=prompt.get("stop_token_ids")))
+    detok = tokenizer_of(bundle)
+    text = detok.decode(result["token_ids"]) if detok else None
     if args.json:
         _emit_json("run", {"bundle": str(bundle), "text": text, "result": result})
         return EXIT_OK
     from edgedeploy.report.tables import print_run
 
     print_run(console, text, result)
+    return EXIT_OK
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from edgedeploy.checkpoint.convert import PICKLE_WARNING, convert_pickled_model
+
+    if args.trust_pickle:
+        err_console.print(escape(f"warning: {PICKLE_WARNING}; loading {args.pickled}"), highlight=False,
+                          soft_wrap=True)
+    result = convert_pickled_model(args.pickled, args.out, tokenizer_from=args.tokenizer_from,
+                                   trust_pickle=args.trust_pickle)
+    if args.json:
+        _emit_json("convert", result.to_dict())
+    else:
+        console.print("[green]converted[/] " + escape(
+            f"{args.pickled} -> {result.out_dir} ({result.model_class}, {result.parameters:,} parameters in "
+            f"{result.tensors} tensors, safetensors; tokenizer: {result.tokenizer_from or 'none'})"))
     return EXIT_OK
 
 
@@ -179,7 +201,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
                                  reference=Path(args.reference) if args.reference else None,
                                  timeout=args.timeout, runner=args.runner,
                                  runner_dir=Path(args.runner_dir) if args.runner_dir else None,
-                                 ndk=Path(args.ndk) if args.ndk else None, harness=args.harness)
+                                 ndk=Path(args.ndk) if args.ndk else None, harness=args.harness,
+                                 cooldown_temp=45.0 if args.cooldown_temp is None else args.cooldown_temp,
+                                 # This host's zones idle warmer than a phone's: it waits only when asked to.
+                                 cooldown_max_s=(0.0 if args.device in (None, "", "local") and
+                                                 args.cooldown_temp is None else args.cooldown_max_s),
+                                 cpus=args.cpus, max_cv=args.max_cv, energy_on=not args.no_energy)
     out = Path(args.out) if args.out else Path("reports") / time.strftime("%Y%m%d-%H%M%S")
     paths = write_reports(results, out)
     if args.json:
@@ -187,7 +214,42 @@ def cmd_profile(args: argparse.Namespace) -> int:
     else:
         print_fit(console, results)
         console.print("reports: " + escape(", ".join(str(p) for p in paths.values())))
-    return EXIT_OK if results["verdict"] == "PASS" else EXIT_FAIL
+    if not args.no_history:
+        from edgedeploy.history import record
+
+        where, ids = record(results, args.history)
+        err_console.print(escape(f"history: run{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))} in {where}"),
+                          highlight=False, soft_wrap=True)
+    return EXIT_OK if results.verdict == "PASS" else EXIT_FAIL
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from edgedeploy.calibrate import calibrate, write_profile
+    from edgedeploy.devices.adb import open_device
+    from edgedeploy.devices.profiles import load_profile
+
+    if args.device in ("", "local"):
+        raise EdgeDeployError("calibrate measures a phone's low-memory killer: give --device (this host has the "
+                              "'host' profile, measured when it is loaded)")
+    base = load_profile(args.base)
+    with open_device(args.device, args.adb_server) as device:
+        done = calibrate(device, base, args.name,
+                         harness=args.harness, hold_ms=args.hold_ms, repeats=args.repeats,
+                         bundle=Path(args.bundle) if args.bundle else None, runner=args.runner,
+                         runner_dir=Path(args.runner_dir) if args.runner_dir else None,
+                         ndk=Path(args.ndk) if args.ndk else None, bandwidth=not args.no_bandwidth,
+                         log=lambda line: err_console.print(escape(line), highlight=False))
+    path = write_profile(done["profile"], Path(args.out) if args.out else None)
+    cal = done["profile"]["calibration"]
+    if args.json:
+        _emit_json("calibrate", {"path": str(path), **done})
+    else:
+        console.print(escape(f"usable ceiling {cal['ceiling_mb']:,.1f} MiB (runs: "
+                             f"{', '.join(f'{v:,.1f}' for v in cal['ceiling_runs_mb'])}), runtime base "
+                             f"{cal.get('runtime_base_mb', 'n/a')} MiB, read bandwidth "
+                             f"{cal.get('bandwidth_gbps', 'n/a')} GB/s"))
+        console.print(escape(f"profile {done['profile']['name']!r} written to {path}"))
+    return EXIT_OK
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -201,7 +263,134 @@ def cmd_report(args: argparse.Namespace) -> int:
         Path(args.out).write_text(text, encoding="utf-8")
     else:
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
-    return EXIT_OK if results["verdict"] == "PASS" else EXIT_FAIL
+    return EXIT_OK if results.verdict == "PASS" else EXIT_FAIL
+
+
+def _run_id(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise UsageError(f"a run id must be a number from `edgedeploy history`, got {text!r}") from None
+    if value < 1:
+        raise UsageError(f"a run id must be a number from `edgedeploy history`, got {text!r}")
+    return value
+
+
+def _print_deltas(deltas: list[Any]) -> None:
+    for d in deltas:
+        style = "bold red" if d.regressed else ("dim" if d.limit_pct is None else "green")
+        console.print(f"[{style}]{'REGRESSION' if d.regressed else 'ok' if d.limit_pct is not None else 'info'}[/] "
+                      + escape(d.describe()), highlight=False, soft_wrap=True)
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from rich import box
+    from rich.table import Table
+
+    from edgedeploy.history import open_history
+
+    if args.history_command == "compare":
+        return _compare(args)
+    with open_history(args.history) as h:
+        runs = h.runs(model=args.model, device=args.device, limit=args.limit)
+        where = h.path
+    if args.json:
+        _emit_json("history", {"history": str(where), "runs": [r.to_dict() for r in runs]})
+        return EXIT_OK
+    # Narrow enough for 80 columns; bundle sha256 and git commit are in --json and `history compare`.
+    t = Table(title=escape(f"history {where}"), title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1),
+              pad_edge=False, collapse_padding=True)
+    for col in ("id", "recorded UTC", "model", "device", "verdict", "thr", "decode tok/s", "peak MiB"):
+        t.add_column(col, justify="right" if col in ("id", "thr", "decode tok/s", "peak MiB") else "left",
+                     no_wrap=col in ("recorded UTC", "decode tok/s", "peak MiB"))
+    for r in runs:
+        decode = [v for p in r.prompts() if (v := r.metric("decode_tok_s.median", p)) is not None]
+        peak = r.metric("measured_peak_bytes")
+        t.add_row(str(r.id), r.recorded.replace("T", " ")[5:16], escape(r.model), escape(r.device_key),
+                  r.verdict or "?", str(r.threads if r.threads is not None else ""),
+                  " / ".join(f"{v:,.1f}" for v in decode) or "n/a", f"{peak / 2**20:,.1f}" if peak else "n/a")
+    console.print(t)
+    if not runs:
+        console.print("no runs match" if args.model or args.device else "no runs recorded yet")
+    return EXIT_OK
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from edgedeploy.history import compare, open_history, run_line
+
+    with open_history(args.history) as h:
+        base, cand = h.get(_run_id(args.baseline)), h.get(_run_id(args.candidate))
+    same = base.device_key == cand.device_key
+    deltas = compare(base, cand, args.decode_drop if same else None, args.memory_growth if same else None)
+    regressed = [d for d in deltas if d.regressed]
+    if args.json:
+        _emit_json("history-compare", {"baseline": base.to_dict(), "candidate": cand.to_dict(), "same_device": same,
+                                       "deltas": [d.to_dict() for d in deltas],
+                                       "regressions": [d.describe() for d in regressed]})
+    else:
+        console.print(escape(f"baseline  {run_line(base)}"), highlight=False, soft_wrap=True)
+        console.print(escape(f"candidate {run_line(cand)}"), highlight=False, soft_wrap=True)
+        if not same:
+            console.print("different devices: shown, not judged", highlight=False, soft_wrap=True)
+        _print_deltas(deltas)
+    return EXIT_FAIL if regressed else EXIT_OK
+
+
+def cmd_check_regression(args: argparse.Namespace) -> int:
+    """Compare the newest runs (or --candidate) with a baseline; exit 1 naming each metric that regressed."""
+    from edgedeploy.history import compare, open_history, run_line
+
+    checked: list[tuple[Any, Any, list[Any]]] = []
+    with open_history(args.history) as h:
+        if args.candidate:
+            candidates = [h.get(_run_id(args.candidate))]
+        else:
+            candidates = h.newest_batch()
+        candidates = [c for c in candidates if (not args.model or c.model == args.model)
+                      and (not args.device or args.device in (c.device_serial, c.device_key, c.device_model))]
+        base = None if args.baseline == "latest" else h.get(_run_id(args.baseline))
+        if base is not None and not args.candidate and len(candidates) > 1:
+            # Several models in the newest profile run: the baseline's own model is the one to check.
+            candidates = [c for c in candidates if c.model == base.model]
+        if not candidates:
+            raise EdgeDeployError(f"{h.path}: no run to check in the newest profile run"
+                                  + (f" of model {base.model!r}" if base else "")
+                                  + (" matching --model/--device" if args.model or args.device else "")
+                                  + " (give --candidate ID)")
+        for cand in candidates:
+            baseline = base or h.latest_before(cand)
+            if baseline is None:
+                raise EdgeDeployError(f"{h.path}: no earlier run of {cand.model} on {cand.device_key} to compare "
+                                      f"run {cand.id} with (--baseline latest)")
+            if baseline.id == cand.id:
+                raise EdgeDeployError(f"run {cand.id} is both the baseline and the candidate")
+            if baseline.device_key != cand.device_key:
+                raise EdgeDeployError(f"baseline run {baseline.id} is on {baseline.device_key}, candidate run "
+                                      f"{cand.id} on {cand.device_key}: regressions are judged on the same device")
+            checked.append((baseline, cand, compare(baseline, cand, args.decode_drop, args.memory_growth)))
+    regressed = [(b, c, d) for b, c, deltas in checked for d in deltas if d.regressed]
+    if args.json:
+        _emit_json("check-regression", {
+            "decode_drop_pct": args.decode_drop, "memory_growth_pct": args.memory_growth,
+            "pairs": [{"baseline": b.id, "candidate": c.id, "model": c.model, "device": c.device_key,
+                       "deltas": [d.to_dict() for d in deltas]} for b, c, deltas in checked],
+            "regressions": [f"{c.model} (run {c.id} vs {b.id}): {d.describe()}" for b, c, d in regressed]})
+    else:
+        for b, c, deltas in checked:
+            console.print(escape(f"baseline  {run_line(b)}"), highlight=False, soft_wrap=True)
+            console.print(escape(f"candidate {run_line(c)}"), highlight=False, soft_wrap=True)
+            _print_deltas(deltas)
+    for b, c, d in regressed:
+        err_console.print(escape(f"regression: {c.model} (run {c.id} vs {b.id}): {d.describe()}"), highlight=False,
+                          soft_wrap=True)
+    return EXIT_FAIL if regressed else EXIT_OK
+
+
+def cmd_farm(args: argparse.Namespace) -> int:
+    from edgedeploy.farm import commands
+
+    return {"run": commands.farm_run, "status": commands.farm_status,
+            "clean": commands.farm_clean}[args.farm_command](args, console, err_console)
 
 
 def cmd_virtual_phone(args: argparse.Namespace) -> int:
@@ -219,7 +408,7 @@ def cmd_virtual_phone(args: argparse.Namespace) -> int:
                       highlight=False)
     serve(sandbox, args.port, auth_keys_file=args.auth_keys, props=props, memory_budget_bytes=int(budget_mb * 2**20),
           disk_bytes=int(args.disk_mb * 2**20) if args.disk_mb else None, abi=args.abi,
-          app_runner_dir=args.app_harness)
+          app_runner_dir=args.app_harness, sensors=args.sensors)
     return EXIT_OK
 
 
@@ -325,10 +514,35 @@ POSITIVE_NUMBER = number_arg(float, 0, low_allowed=False)  # --timeout, --budget
 PORT = number_arg(int, 0, 65535)  # 0 picks a free port
 
 
+def _cpus_arg(text: str) -> str:
+    """``--cpus``: auto, all, or a CPU list (checked against the device later)."""
+    from edgedeploy.profile.variance import parse_cpu_list
+
+    if text in ("auto", "all"):
+        return text
+    try:
+        parse_cpu_list(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def _add_window_options(s: argparse.ArgumentParser) -> None:
     """--context and --prefill-chunk, which estimate and build take alike."""
     s.add_argument("--context", type=POSITIVE_INT, help="context window in tokens (default: model's, at most 4096)")
     s.add_argument("--prefill-chunk", type=POSITIVE_INT, help="prefill chunk in tokens (default 512)")
+
+
+def _add_history_option(s: argparse.ArgumentParser, **kw: Any) -> None:
+    s.add_argument("--history", metavar="PATH", help="history database (default: $EDGEDEPLOY_HISTORY, else "
+                   "~/.local/share/edgedeploy/history.sqlite)", **kw)
+
+
+def _add_regression_options(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--decode-drop", type=NON_NEGATIVE_NUMBER, default=5.0, metavar="PCT",
+                   help="largest allowed drop of decode tok/s, percent (default 5)")
+    s.add_argument("--memory-growth", type=NON_NEGATIVE_NUMBER, default=2.0, metavar="PCT",
+                   help="largest allowed growth of peak memory, percent (default 2)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -360,11 +574,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_build)
 
+    s = sub.add_parser("convert", help="a pickled whole model (LLM-Pruner's torch.save) -> a Hugging Face folder "
+                       "(runs the pickle's code: needs --trust-pickle)")
+    s.add_argument("pickled", help="file saved with torch.save({'model': ..., 'tokenizer': ...}) or torch.save(model)")
+    s.add_argument("--out", required=True, help="new (or empty) folder for config.json, safetensors and tokenizer")
+    s.add_argument("--tokenizer-from", help="copy the tokenizer files from this folder (default: the pickle's)")
+    s.add_argument("--trust-pickle", action="store_true",
+                   help="load the file although unpickling runs code from it (required)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_convert)
+
     s = sub.add_parser("run", help="run a host bundle on a prompt and print text and metrics")
     s.add_argument("bundle")
     s.add_argument("--prompt", help="prompt text (tokenized with the bundle's tokenizer)")
     s.add_argument("--prompt-file", help="pre-tokenized prompt: JSON {\"token_ids\": [...]} or a list")
-    s.add_argument("--max-new-tokens", type=NON_NEGATIVE_INT, default=32, help="tokens to generate (0: prefill only)")
+    s.add_argument("--max-new-tokens", type=NON_NEGATIVE_INT,
+                   help="tokens to generate (0: prefill only; default: the prompt file's, else 32)")
     s.add_argument("--threads", type=POSITIVE_INT, help="CPU threads (default: all cores)")
     s.add_argument("--touch-kv", action="store_true", help="touch the whole KV cache so the peak includes it")
     s.add_argument("--truncate", action="store_true", help="keep the last tokens of a prompt that is too long")
@@ -382,6 +607,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--runs", type=POSITIVE_INT, default=3, help="measured runs per prompt (default 3)")
     s.add_argument("--warmup", type=NON_NEGATIVE_INT, default=1, help="warm-up runs per prompt (default 1)")
     s.add_argument("--cooldown", type=NON_NEGATIVE_NUMBER, default=0.0, help="seconds to wait between runs")
+    s.add_argument("--cooldown-temp", type=number_arg(float, -40, 150), metavar="C",
+                   help="before each measured run, wait until every thermal zone is at or under C °C (default 45 "
+                        "on a device; this host waits only when it is given)")
+    s.add_argument("--cooldown-max-s", type=NON_NEGATIVE_NUMBER, default=120.0, metavar="S",
+                   help="wait at most S seconds for --cooldown-temp, then measure anyway (default 120; 0: no wait)")
+    s.add_argument("--cpus", type=_cpus_arg, default=None, metavar="auto|all|LIST",
+                   help="CPUs to pin the runner to with taskset: auto (default: the big cores when the chip has a "
+                        "slower cluster, or the profile's pin_cpus), all (no pinning), or a list like 4-7")
+    s.add_argument("--max-cv", type=number_arg(float, 0, low_allowed=False), metavar="PCT",
+                   help="fail when a prompt set's decode tok/s coefficient of variation exceeds PCT percent "
+                        "(without it, sets over 5%% are flagged in the report)")
+    s.add_argument("--no-energy", action="store_true", help="do not read the fuel gauge or touch the battery "
+                   "state (dumpsys battery unplug/reset)")
     s.add_argument("--threads", type=POSITIVE_INT, help="runner CPU threads")
     s.add_argument("--no-touch-kv", action="store_true", help="do not touch the whole KV cache at load "
                    "(the peak then only covers the prompts' tokens)")
@@ -400,13 +638,99 @@ def build_parser() -> argparse.ArgumentParser:
                    help="re-hash every file already on the device (default: only those whose size or mtime changed)")
     s.add_argument("--out", help="report folder (default: reports/TIMESTAMP)")
     s.add_argument("--json", action="store_true", help="print results.json")
+    _add_history_option(s)
+    s.add_argument("--no-history", action="store_true", help="do not append the results to the history database")
     s.set_defaults(func=cmd_profile)
+
+    s = sub.add_parser("calibrate", help="measure a device's usable memory, runtime base and bandwidth into a "
+                       "device profile")
+    s.add_argument("--device", required=True, help="adb serial, HOST:PORT or tcp:HOST:PORT")
+    s.add_argument("--adb-server", help="HOST:PORT of a remote adb server (as adb -H/-P)")
+    s.add_argument("--base", default="reference-12gb", help="profile whose other fields (SoC, target, "
+                   "bandwidth) the calibrated one keeps (default reference-12gb)")
+    s.add_argument("--name", help="name of the calibrated profile (default: the device model + '-calibrated'); "
+                   "use it as --profile NAME")
+    s.add_argument("--out", help="profile file to write (default: ~/.config/edgedeploy/profiles/NAME.toml, "
+                   "or under $EDGEDEPLOY_CONFIG)")
+    s.add_argument("--harness", choices=("shell", "app"), default="shell",
+                   help="how the runtime base is measured: as an adb shell process or inside the harness app")
+    s.add_argument("--hold-ms", type=number_arg(int, 10, 10000), default=100,
+                   help="pause after each probe step, for the low-memory killer to act (default 100)")
+    s.add_argument("--repeats", type=number_arg(int, 1, 10), default=3, help="final probe passes (default 3)")
+    s.add_argument("--bundle", help="small bundle to measure the runtime base with (default: a tiny model)")
+    s.add_argument("--runner", choices=("auto", "python", "native"), default="auto")
+    s.add_argument("--runner-dir", help="prebuilt Android native runner (from `edgedeploy package`)")
+    s.add_argument("--ndk", help="Android NDK: builds the native probe, links an Android bundle")
+    s.add_argument("--no-bandwidth", action="store_true", help="skip the read-bandwidth probe")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_calibrate)
 
     s = sub.add_parser("report", help="re-render a results.json")
     s.add_argument("results")
-    s.add_argument("--format", choices=("md", "junit", "json", "html"), default="md")
+    s.add_argument("--format", choices=("md", "junit", "json", "html", "challenge-csv"), default="md",
+                   help="challenge-csv: model,Throughput,Memory-Usage rows for the challenge's result sheet")
     s.add_argument("--out", help="write to this file instead of stdout")
     s.set_defaults(func=cmd_report)
+
+    s = sub.add_parser("history", help="list the profile runs in the history database; `history compare A B`")
+    _add_history_option(s)
+    s.add_argument("--model", help="only runs of this model (bundle folder name)")
+    s.add_argument("--device", help="only runs on this device (serial, device key or device model)")
+    s.add_argument("--limit", type=POSITIVE_INT, help="only the newest N runs")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_history, history_command=None)
+    hs = s.add_subparsers(dest="history_command", parser_class=_Parser)
+    c = hs.add_parser("compare", help="two runs side by side; exit 1 when the candidate regressed")
+    c.add_argument("baseline", metavar="BASELINE_ID")
+    c.add_argument("candidate", metavar="CANDIDATE_ID")
+    _add_regression_options(c)
+    # Also accepted after `compare`; SUPPRESS keeps the value given before it.
+    _add_history_option(c, default=argparse.SUPPRESS)
+    c.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
+
+    s = sub.add_parser("check-regression", help="exit 1 when decode tok/s dropped or peak memory grew against a "
+                       "baseline run on the same device")
+    s.add_argument("--baseline", required=True, metavar="ID|latest",
+                   help="a run id, or latest: the newest earlier run of the same model on the same device")
+    s.add_argument("--candidate", metavar="ID", help="the run to check (default: every model of the newest "
+                   "profile run)")
+    s.add_argument("--model", help="check only this model of the newest profile run")
+    s.add_argument("--device", help="check only runs on this device")
+    _add_regression_options(s)
+    _add_history_option(s)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_check_regression)
+
+    s = sub.add_parser("farm", help="profile many models on many phones in parallel (farm.toml), with leases and "
+                       "retries; `farm status`, `farm clean`")
+    fs = s.add_subparsers(dest="farm_command", required=True, parser_class=_Parser)
+    f = fs.add_parser("run", help="profile every (model, device) pair; exit 0 all PASS, 1 any FAIL, 2 any not run")
+    f.add_argument("models", nargs="+", metavar="BUNDLE_OR_MODEL_DIR")
+    f.add_argument("--select", action="append", metavar="TAG=VALUE", help="only devices with this tag (repeatable; "
+                   "profile=NAME and address=ADDR work too)")
+    f.add_argument("--parallel", type=POSITIVE_INT, help="most jobs at once (default: one per device)")
+    f.add_argument("--max-attempts", type=POSITIVE_INT, default=3,
+                   help="tries per pair on devices of its profile when devices drop (default 3)")
+    f.add_argument("--prompts", nargs="+", help="prompt files or built-in names (default: chat-short doc-1k long-2k)")
+    f.add_argument("--runs", type=POSITIVE_INT, default=3, help="measured runs per prompt (default 3)")
+    f.add_argument("--warmup", type=NON_NEGATIVE_INT, default=1, help="warm-up runs per prompt (default 1)")
+    f.add_argument("--threads", type=POSITIVE_INT, help="runner CPU threads")
+    f.add_argument("--timeout", type=POSITIVE_NUMBER, default=900.0, help="seconds allowed per run")
+    f.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="for model folders built here")
+    _add_window_options(f)
+    f.add_argument("--keep", action="store_true", help="leave the pushed bundles on the devices")
+    f.add_argument("--out", help="report folder (default: reports/farm-TIMESTAMP)")
+    f.add_argument("--json", action="store_true", help="print farm.json")
+    _add_history_option(f)
+    f.add_argument("--no-history", action="store_true", help="do not append the pairs' results to the history")
+    for name, text in (("status", "devices, reachability, leases and health"),
+                       ("clean", "remove what jobs cut short (a device that dropped) left on the devices")):
+        f = fs.add_parser(name, help=text)
+        f.add_argument("--select", action="append", metavar="TAG=VALUE", help="only devices with this tag")
+        f.add_argument("--json", action="store_true")
+    for f in fs.choices.values():
+        f.add_argument("--inventory", required=True, metavar="FILE", help="farm.toml")
+    s.set_defaults(func=cmd_farm)
 
     s = sub.add_parser("virtual-phone", help="serve a virtual reference phone (device-side adbd) on 127.0.0.1")
     s.add_argument("--profile", default="reference-12gb")
@@ -418,6 +742,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--auth-keys", type=Path, help="adb_keys file: require ADB auth with one of these keys")
     s.add_argument("--app-harness", type=Path, metavar="RUNNER_DIR",
                    help="emulate the installed harness app with a host native runner (edgedeploy package --abi host)")
+    s.add_argument("--sensors", metavar="KEY=VALUE,...", help="thermal zones, CPU clocks and battery of the test "
+                   "double: ambient, start, tau, per_cpu, throttle, big_cores, battery, charger, idle_ma, "
+                   "per_cpu_ma, zones (see edgedeploy.devices.virtual_sensors)")
     s.set_defaults(func=cmd_virtual_phone)
 
     s = sub.add_parser("package", help="build the native runner for a device ABI (Android needs an NDK)")

@@ -11,9 +11,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from edgedeploy.checkpoint.config import SIZE_LIMITS, ModelConfig
-from edgedeploy.checkpoint.layout import parameter_count
 from edgedeploy.devices.profiles import DeviceProfile
 from edgedeploy.errors import InputError
+from edgedeploy.models import parameter_count
 
 MB = 2**20
 DTYPE_BYTES = {"float16": 2, "float32": 4}
@@ -41,6 +41,12 @@ class Estimate:
     hard_limit_bytes: int
     decode_tok_s: float
     prefill_tok_s: float
+    #: Where the runtime base and the budget come from: a calibration (``edgedeploy calibrate``) or the
+    #: profile's planning figures.
+    base_source: str = "profile"
+    budget_source: str = "profile"
+    #: Part of ``kv_cache_bytes`` that pads pruned layers to the most KV heads any layer has (0 when uniform).
+    kv_padding_bytes: int = 0
 
     @property
     def fits(self) -> bool:
@@ -107,13 +113,14 @@ def estimate(cfg: ModelConfig, profile: DeviceProfile, context_window: int | Non
     params = parameters if parameters is not None else parameter_count(cfg)
     if params <= 0:
         raise InputError("the model has no parameters (every tensor is empty); there is nothing to estimate")
-    context = _tokens("context window", context_window or min(cfg.context_length, DEFAULT_CONTEXT))
+    context = _tokens("context window", context_window or min(cfg.usable_context, DEFAULT_CONTEXT))
     chunk = min(_tokens("prefill chunk", prefill_chunk), context)
     weights = params * DTYPE_BYTES[dtype]
     kv = cfg.kv_bytes_per_token * context * DTYPE_BYTES[dtype] // 2
     temps = temporary_buffers(cfg, dtype, chunk, context)
     largest = max(temps, key=lambda k: temps[k])
-    base = int(profile.runtime_base_mb * MB)
+    base_source, budget_source = _sources(profile)
+    base = int((profile.calibration or {}).get("runtime_base_mb", profile.runtime_base_mb) * MB)
     peak = weights + kv + temps[largest] + base
     # A decode step reads every weight plus, on average over a full window, half the KV cache.
     bytes_per_token = weights + kv / 2
@@ -124,4 +131,18 @@ def estimate(cfg: ModelConfig, profile: DeviceProfile, context_window: int | Non
         weights_bytes=weights, kv_cache_bytes=kv, temp_bytes=temps[largest], temp_largest=largest,
         runtime_base_bytes=base, peak_bytes=peak, budget_bytes=int(profile.budget_mb * MB),
         hard_limit_bytes=int(profile.hard_limit_mb * MB), decode_tok_s=decode, prefill_tok_s=prefill,
+        base_source=base_source, budget_source=budget_source,
+        kv_padding_bytes=cfg.kv_padding_bytes_per_token * context * DTYPE_BYTES[dtype] // 2,
     )
+
+
+def _sources(profile: DeviceProfile) -> tuple[str, str]:
+    """Where ``profile``'s runtime base and budget come from, in words."""
+    cal = profile.calibration
+    if cal is None:
+        what = "measured on this host" if profile.kind == "host" else "planning figure, not calibrated"
+        return f"profile {profile.name} ({what})", f"profile {profile.name} ({what})"
+    when = f"calibrated {str(cal['date'])[:10]}"
+    base = (f"{when}: our runner's RSS on a tiny bundle" if "runtime_base_mb" in cal
+            else f"profile {profile.name} (runtime base not calibrated)")
+    return base, f"{when}: low-memory-killer ceiling {cal['ceiling_mb']:,.0f} MiB"

@@ -11,6 +11,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from edgedeploy.models import FAMILIES as _FAMILIES
+from edgedeploy.models import get_family
+
 #: Small sizes shared by every family; tests override single fields (GQA, head dim, pruning).
 TINY_SIZES: dict[str, Any] = {
     "hidden_size": 64,
@@ -22,7 +25,8 @@ TINY_SIZES: dict[str, Any] = {
     "max_position_embeddings": 512,
 }
 
-FAMILIES = ("llama", "qwen2", "phi", "qwen")
+#: Every supported family (the registry's order).
+FAMILIES: tuple[str, ...] = tuple(_FAMILIES)
 
 _CORPUS = (
     "hello world. the quick brown fox jumps over the lazy dog. edgedeploy builds small language models "
@@ -50,55 +54,35 @@ def make_tokenizer(out_dir: Path, vocab_size: int = 384) -> None:
 
 
 def _hf_config(family: str, dtype: str, overrides: dict[str, Any]) -> Any:
-    from transformers import LlamaConfig, PhiConfig, Qwen2Config
-
     sizes = {**TINY_SIZES, "bos_token_id": 0, "eos_token_id": 1, "tie_word_embeddings": False, **overrides}
-    if family == "llama":
-        return LlamaConfig(**sizes, torch_dtype=dtype)
-    if family in ("qwen2", "qwen"):
-        if family == "qwen":  # Qwen v1 is multi-head attention only
-            sizes["num_key_value_heads"] = sizes["num_attention_heads"]
-        return Qwen2Config(**sizes, torch_dtype=dtype)
-    if family == "phi":
-        sizes.setdefault("partial_rotary_factor", 0.4)
-        return PhiConfig(**sizes, torch_dtype=dtype)
-    raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
+    if family not in _FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
+    return get_family(family).tiny_config(sizes, dtype)
 
 
-def _to_qwen_v1(model: Any, out_dir: Path, dtype: str) -> None:
-    """Save a Qwen2 model (MHA) under Qwen v1's remote-code names and config fields."""
-    import torch
+def _config_of(raw: dict[str, Any]) -> Any:
+    from edgedeploy.checkpoint.config import parse_config
+
+    return parse_config(raw, "tiny checkpoint")
+
+
+def _save_as(family: str, model: Any, out_dir: Path, dtype: str) -> None:
+    """Save a transformers model of ``family``'s twin under ``family``'s own names and config fields."""
     from safetensors.torch import save_file
 
-    cfg = model.config
-    sd = model.state_dict()
-    tensors: dict[str, torch.Tensor] = {"transformer.wte.weight": sd["model.embed_tokens.weight"]}
-    for i in range(cfg.num_hidden_layers):
-        s, d = f"model.layers.{i}", f"transformer.h.{i}"
-        tensors[f"{d}.ln_1.weight"] = sd[f"{s}.input_layernorm.weight"]
-        for kind in ("weight", "bias"):
-            tensors[f"{d}.attn.c_attn.{kind}"] = torch.cat(
-                [sd[f"{s}.self_attn.{p}_proj.{kind}"] for p in "qkv"], dim=0)
-        tensors[f"{d}.attn.c_proj.weight"] = sd[f"{s}.self_attn.o_proj.weight"]
-        tensors[f"{d}.ln_2.weight"] = sd[f"{s}.post_attention_layernorm.weight"]
-        # Qwen v1 computes c_proj(w1(x) * silu(w2(x))): w2 is the gate, w1 the up projection.
-        tensors[f"{d}.mlp.w1.weight"] = sd[f"{s}.mlp.up_proj.weight"]
-        tensors[f"{d}.mlp.w2.weight"] = sd[f"{s}.mlp.gate_proj.weight"]
-        tensors[f"{d}.mlp.c_proj.weight"] = sd[f"{s}.mlp.down_proj.weight"]
-    tensors["transformer.ln_f.weight"] = sd["model.norm.weight"]
-    if not cfg.tie_word_embeddings:
-        tensors["lm_head.weight"] = sd["lm_head.weight"]
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_dir / "model.safetensors"),
-              metadata={"format": "pt"})
-    (out_dir / "config.json").write_text(json.dumps({
-        "architectures": ["QWenLMHeadModel"], "model_type": "qwen", "hidden_size": cfg.hidden_size,
-        "intermediate_size": 2 * cfg.intermediate_size, "num_hidden_layers": cfg.num_hidden_layers,
-        "num_attention_heads": cfg.num_attention_heads, "kv_channels": cfg.hidden_size // cfg.num_attention_heads,
-        "rotary_emb_base": cfg.rope_parameters["rope_theta"], "rotary_pct": 1.0,
-        "layer_norm_epsilon": cfg.rms_norm_eps, "seq_length": cfg.max_position_embeddings,
-        "vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_word_embeddings, "no_bias": True,
-        "torch_dtype": dtype, "bos_token_id": 0, "eos_token_id": 1,
-    }, indent=2))
+    fam = get_family(family)
+    assert fam.twin is not None and fam.config_from_twin is not None
+    raw = fam.config_from_twin(model.config, dtype)
+    twin_cfg = _config_of({**model.config.to_dict(), "architectures": list(get_family(fam.twin).architectures)})
+    tensors = _translate(get_family(fam.twin).params(twin_cfg), fam.params(_config_of(raw)), model.state_dict())
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    (out_dir / "config.json").write_text(json.dumps(raw, indent=2))
+
+
+def _translate(params_from: list, params_to: list, tensors: dict[str, Any]) -> dict[str, Any]:
+    from edgedeploy.models.family import translate
+
+    return translate(params_from, params_to, tensors)
 
 
 def make_tiny_checkpoint(out_dir: Path | str, family: str = "llama", dtype: str = "float16", seed: int = 0,
@@ -126,8 +110,8 @@ def make_tiny_checkpoint(out_dir: Path | str, family: str = "llama", dtype: str 
             elif not _is_norm_param(p, model):
                 p.normal_(0.0, 0.02)
     model = model.to(getattr(torch, dtype))
-    if family == "qwen":
-        _to_qwen_v1(model, out, dtype)
+    if get_family(family).twin:
+        _save_as(family, model, out, dtype)
     else:
         kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
         model.save_pretrained(out, safe_serialization=True, **kwargs)
@@ -148,40 +132,25 @@ def reference_model_from_config(hf_config: Any) -> Any:
 
 
 def load_reference_model(model_dir: Path | str, dtype: str = "float32") -> Any:
-    """Load a tiny checkpoint into transformers (Qwen v1 names mapped back onto Qwen2) for parity tests."""
+    """Load a tiny checkpoint into transformers (a twin family's model for Qwen v1) for parity tests."""
     import torch
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM, Qwen2Config
+    from transformers import AutoModelForCausalLM
 
     model_dir = Path(model_dir)
     raw = json.loads((model_dir / "config.json").read_text())
-    if raw.get("model_type") != "qwen":
+    fam = get_family(_config_of(raw).family)
+    if not fam.twin:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype),
                                                      attn_implementation="eager")
         return model.eval()
-    heads = raw["num_attention_heads"]
-    cfg = Qwen2Config(hidden_size=raw["hidden_size"], intermediate_size=raw["intermediate_size"] // 2,
-                      num_hidden_layers=raw["num_hidden_layers"], num_attention_heads=heads,
-                      num_key_value_heads=heads, vocab_size=raw["vocab_size"],
-                      max_position_embeddings=raw["seq_length"], rms_norm_eps=raw["layer_norm_epsilon"],
-                      rope_theta=raw["rotary_emb_base"], tie_word_embeddings=raw["tie_word_embeddings"])
-    model = reference_model_from_config(cfg)
-    src = load_file(str(model_dir / "model.safetensors"))
-    sd: dict[str, Any] = {"model.embed_tokens.weight": src["transformer.wte.weight"],
-                          "model.norm.weight": src["transformer.ln_f.weight"]}
-    for i in range(cfg.num_hidden_layers):
-        s, d = f"transformer.h.{i}", f"model.layers.{i}"
-        sd[f"{d}.input_layernorm.weight"] = src[f"{s}.ln_1.weight"]
-        for kind in ("weight", "bias"):
-            q, k, v = src[f"{s}.attn.c_attn.{kind}"].chunk(3, dim=0)
-            sd[f"{d}.self_attn.q_proj.{kind}"], sd[f"{d}.self_attn.k_proj.{kind}"] = q, k
-            sd[f"{d}.self_attn.v_proj.{kind}"] = v
-        sd[f"{d}.self_attn.o_proj.weight"] = src[f"{s}.attn.c_proj.weight"]
-        sd[f"{d}.post_attention_layernorm.weight"] = src[f"{s}.ln_2.weight"]
-        sd[f"{d}.mlp.up_proj.weight"] = src[f"{s}.mlp.w1.weight"]
-        sd[f"{d}.mlp.gate_proj.weight"] = src[f"{s}.mlp.w2.weight"]
-        sd[f"{d}.mlp.down_proj.weight"] = src[f"{s}.mlp.c_proj.weight"]
-    if not cfg.tie_word_embeddings:
-        sd["lm_head.weight"] = src["lm_head.weight"]
-    model.load_state_dict(sd, strict=not cfg.tie_word_embeddings)
+    assert fam.twin_config is not None
+    twin_hf = fam.twin_config(raw)
+    model = reference_model_from_config(twin_hf)
+    src: dict[str, Any] = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        src.update(load_file(str(f)))
+    twin_cfg = _config_of({**twin_hf.to_dict(), "architectures": list(get_family(fam.twin).architectures)})
+    sd = _translate(fam.params(_config_of(raw)), get_family(fam.twin).params(twin_cfg), src)
+    model.load_state_dict(sd, strict=not twin_hf.tie_word_embeddings)
     return model.to(getattr(torch, dtype)).eval()

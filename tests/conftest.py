@@ -13,10 +13,14 @@ REFERENCE_CONFIGS = Path(__file__).parent / "data" / "reference_configs"
 
 @pytest.fixture(scope="session", autouse=True)
 def private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Runner builds and downloaded aarch64 wheels go to a temporary cache, not the user's ~/.cache."""
+    """Runner builds, aarch64 wheels and the results history go to temporary folders, not the user's home."""
     import os
 
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+    # matplotlib (HTML report plots) keeps its config and font cache here, not in ~/.config/matplotlib.
+    os.environ["MPLCONFIGDIR"] = str(tmp_path_factory.mktemp("matplotlib"))
+    # Profile runs append to the results history: a private database, never ~/.local/share.
+    os.environ["EDGEDEPLOY_HISTORY"] = str(tmp_path_factory.mktemp("history") / "history.sqlite")
 
 
 @pytest.fixture(scope="session")

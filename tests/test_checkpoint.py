@@ -11,7 +11,7 @@ from safetensors.numpy import save_file
 
 from edgedeploy.checkpoint.config import load_config
 from edgedeploy.checkpoint.intake import open_checkpoint
-from edgedeploy.checkpoint.layout import parameter_count
+from edgedeploy.models import parameter_count
 from edgedeploy.tiny import load_reference_model
 
 from .conftest import REFERENCE_CONFIGS

@@ -181,3 +181,54 @@ def test_bad_option_values_exit_2(capsys) -> None:
     assert rc == 2 and "--context" in err
     rc, _, err = run_cli(capsys, "estimate", str(REFERENCE_CONFIGS / "phi-2"), "--profile", "nokia")
     assert rc == 2 and "unknown device profile" in err
+
+
+def test_run_prompt_file_honours_the_file_and_shows_text_and_ids(host_bundle: Path, tmp_path: Path, capsys) -> None:
+    """`run --prompt-file`: the file's max_new_tokens and stop_token_ids reach the runner (an option still
+    wins), and the normal output shows the generated text and ids (issue #10, item 2)."""
+    prompt = [5, 17, 42, 99, 7, 3, 250, 11]
+    file = tmp_path / "prompt.json"
+    file.write_text(json.dumps({"token_ids": prompt, "max_new_tokens": 6, "stop_token_ids": []}))
+    rc, out, _ = run_cli(capsys, "run", str(host_bundle), "--prompt-file", str(file), "--json")
+    free = json.loads(out)["result"]["token_ids"]
+    assert rc == 0 and len(free) == 6  # the file's 6, not the option's default of 32
+    stop = free[3]
+    file.write_text(json.dumps({"token_ids": prompt, "max_new_tokens": 6, "stop_token_ids": [stop]}))
+    rc, out, _ = run_cli(capsys, "run", str(host_bundle), "--prompt-file", str(file), "--json")
+    stopped = json.loads(out)
+    assert stopped["result"]["token_ids"] == free[:free.index(stop) + 1]
+    assert stopped["result"]["finish_reason"] == "stop" and stopped["text"] is not None
+    rc, out, _ = run_cli(capsys, "run", str(host_bundle), "--prompt-file", str(file), "--max-new-tokens", "2",
+                         "--json")
+    assert json.loads(out)["result"]["token_ids"] == free[:2]
+    rc, out, _ = run_cli(capsys, "run", str(host_bundle), "--prompt-file", str(file))
+    assert rc == 0
+    assert "token ids: " + " ".join(str(t) for t in stopped["result"]["token_ids"]) in out
+    assert "output:" in out and "stop" in out
+    words = stopped["text"].split()
+    assert not words or words[0] in out
+
+
+@pytest.mark.parametrize("inside", ["original", "."])
+def test_meta_original_layout_says_how_to_get_the_hugging_face_one(tmp_path: Path, capsys, inside: str) -> None:
+    """Only Meta's files (in original/, as Hugging Face repositories keep them, or at the top as Meta's own
+    download): the error says what they are and how to get config.json + safetensors (issue #10, item 4)."""
+    folder = tmp_path / "Meta-Llama-3-8B"
+    meta = folder / inside
+    meta.mkdir(parents=True, exist_ok=True)
+    (meta / "params.json").write_text(json.dumps({"dim": 4096, "n_layers": 32, "n_heads": 32, "vocab_size": 128256}))
+    (meta / "consolidated.00.pth").write_bytes(b"PK\x03\x04 not read")
+    (meta / "tokenizer.model").write_text("not read either")
+    for command in ("inspect", "build"):
+        rc, out, err = run_cli(capsys, command, str(folder))
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert rc == 2 and len(lines) == 1 and "Traceback" not in err
+        line = lines[0]
+        assert line.startswith(f"error: {folder}: no config.json: ")
+        where = folder if inside == "." else folder / inside
+        assert f"{where} holds Meta's original Llama release (params.json, consolidated.*.pth" in line
+        assert f"--input_dir {where} " in line
+        assert "convert_llama_weights_to_hf.py" in line and "--exclude 'original/*'" in line
+    (meta / "params.json").unlink()  # not Meta's layout any more: the plain message
+    rc, _, err = run_cli(capsys, "inspect", str(folder))
+    assert rc == 2 and "no config.json (is this a Hugging Face model folder?)" in err

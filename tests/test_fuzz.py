@@ -1,5 +1,6 @@
 """Bounded fuzz test of the files users hand edgedeploy (issue #11): config.json, safetensors headers, the
-safetensors index, bundle.json and prompt files.
+safetensors index, bundle.json, prompt files and results files (issue #12: ``report`` on a mutated
+``results.json``).
 
 Fixed seed, fixed number of cases. Each case mutates one file of a private copy (type swaps, deleted
 keys, deep nesting, huge and negative numbers, unicode, truncation, flipped bytes), runs one command
@@ -36,6 +37,7 @@ import pytest
 
 from edgedeploy.cli import main
 
+from .test_error_shapes import valid_results
 from .test_hostile_checkpoint import deadline
 
 #: The fixed seed and case counts (below) are what CI runs; EDGEDEPLOY_FUZZ_SEED and EDGEDEPLOY_FUZZ_SCALE
@@ -45,7 +47,7 @@ SEED = int(os.environ.get("EDGEDEPLOY_FUZZ_SEED", "1"))
 SCALE = int(os.environ.get("EDGEDEPLOY_FUZZ_SCALE", "1"))
 #: Per case; a tiny model's inspect takes milliseconds and a run well under a second.
 CASE_LIMIT_S = 20.0
-FAMILIES = ("llama", "qwen2", "phi", "qwen")
+FAMILIES = ("llama", "qwen2", "mistral", "gemma", "phi", "qwen")
 COMMANDS = (["inspect"], ["estimate"], ["inspect", "--json"])
 
 # --- mutations ------------------------------------------------------------------------------------------
@@ -199,6 +201,10 @@ class Arena:
     def prompt(self) -> Path:
         return self.root / "prompt.json"
 
+    @property
+    def results(self) -> Path:
+        return self.root / "results.json"
+
 
 @pytest.fixture
 def arena(tiny_models: dict[str, Path], host_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Arena:
@@ -208,6 +214,7 @@ def arena(tiny_models: dict[str, Path], host_bundle: Path, tmp_path: Path, monke
         shutil.copytree(tiny_models[family], a.model(family))
     shutil.copytree(host_bundle, a.bundle)
     a.prompt.write_text(json.dumps({"token_ids": [5, 17, 42, 7], "max_new_tokens": 2}))
+    a.results.write_text(json.dumps(valid_results(), indent=1))
     for sub in ("tmp", "cwd"):
         (a.root / sub).mkdir()
     monkeypatch.setenv("TMPDIR", str(a.root / "tmp"))
@@ -262,6 +269,14 @@ def _run_argv(a: Arena, i: int) -> list[str]:
     return ["run", str(a.bundle), "--prompt-file", str(a.prompt), "--max-new-tokens", "2", "--json"]
 
 
+#: ``report`` renders a results file in every format in turn (the typed records check it on load).
+REPORT_FORMATS = ("md", "junit", "json", "html", "challenge-csv")
+
+
+def _report_argv(a: Arena, i: int) -> list[str]:
+    return ["report", str(a.results), "--format", REPORT_FORMATS[i % len(REPORT_FORMATS)]]
+
+
 def _family(i: int) -> str:
     return FAMILIES[(i // len(COMMANDS)) % len(FAMILIES)]
 
@@ -280,6 +295,7 @@ TARGETS: dict[str, Target] = {t.name: t for t in [
            mutate_json_file, _checkpoint_argv(lambda i: "llama"), True),
     Target("bundle.json", 24, lambda a, i: a.bundle / "bundle.json", mutate_json_file, _run_argv, False),
     Target("prompt file", 20, lambda a, i: a.prompt, mutate_json_file, _run_argv, False),
+    Target("results file", 100, lambda a, i: a.results, mutate_json_file, _report_argv, False),
 ]}
 
 
@@ -370,7 +386,7 @@ def _run_process(arena: Arena, argv: list[str]) -> tuple[int | None, str, str, s
 
 #: (target, case indices) run through the real entry point: a small sample of each kind.
 PROCESS_SAMPLE = [("config.json", range(0, 3)), ("safetensors header", range(0, 3)), ("bundle.json", range(0, 2)),
-                  ("prompt file", range(0, 2))]
+                  ("prompt file", range(0, 2)), ("results file", range(0, 2))]
 
 
 @pytest.mark.parametrize(("name", "cases"), PROCESS_SAMPLE, ids=[n for n, _ in PROCESS_SAMPLE])

@@ -23,6 +23,7 @@ pytest.importorskip("tvm")
 
 from edgedeploy.bundle import Manifest, write_manifest  # noqa: E402
 from edgedeploy.checkpoint.config import ModelConfig, load_config  # noqa: E402
+from edgedeploy.checkpoint.intake import open_checkpoint  # noqa: E402
 from edgedeploy.compile.library import compile_model_library  # noqa: E402
 from edgedeploy.compile.weights import SafetensorsReader, write_tensor_cache  # noqa: E402
 from edgedeploy.errors import InputError  # noqa: E402
@@ -45,11 +46,16 @@ CASES: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "qwen2-tied": ("qwen2", {"tie_word_embeddings": True}, {}),
     "qwen-v1": ("qwen", {}, {}),
     "phi-partial-rotary": ("phi", {}, {}),
+    "phi-qk-layernorm": ("phi", {"qk_layernorm": True}, {}),
+    # GQA; its sliding window (64) is wider than the prompt plus generation, where full attention is exact.
+    "mistral-gqa-window": ("mistral", {"sliding_window": 64}, {}),
+    # Tied head (Gemma's default), GeGLU, (1 + w) norms, embeddings scaled by sqrt(hidden), head dim 32.
+    "gemma-tied": ("gemma", {"tie_word_embeddings": True, "head_dim": 32}, {}),
     # Pruned: odd MLP width, three layers, 2 heads of 32 with one KV head; sharded checkpoint.
     "qwen2-pruned-sharded": ("qwen2", {"intermediate_size": 80, "num_hidden_layers": 3, "num_attention_heads": 2,
                                        "num_key_value_heads": 1}, {"max_shard_size": "40KB"}),
 }
-FP16_CASES = ("llama-gqa-untied", "phi-partial-rotary", "qwen-v1")
+FP16_CASES = ("llama-gqa-untied", "phi-partial-rotary", "qwen-v1", "gemma-tied")
 
 
 @dataclass
@@ -71,8 +77,7 @@ def _build(workdir: Path, case: str, dtype: str) -> tuple[Built, Path]:
     family, overrides, extra = CASES[case]
     if (workdir, case) not in _built:
         ckpt = make_tiny_checkpoint(workdir / f"ckpt-{case}", family, "float32", seed=1, **extra, **overrides)
-        cfg, _ = load_config(ckpt)
-        _built[workdir, case] = Built(ckpt, cfg, {})
+        _built[workdir, case] = Built(ckpt, open_checkpoint(ckpt).config, {})
     b = _built[workdir, case]
     if dtype not in b.bundles:
         bundle = workdir / f"bundle-{case}-{dtype}"

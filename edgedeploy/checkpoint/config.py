@@ -1,7 +1,10 @@
 """Parse a Hugging Face ``config.json`` into one architecture-neutral :class:`ModelConfig`.
 
 Every later stage (rule check, estimate, model definition, runtime) reads sizes from
-``ModelConfig`` only, so a pruned checkpoint works as long as its config.json tells the truth.
+``ModelConfig`` only. What differs per family (which fields exist, their defaults) lives in the family's
+package under :mod:`edgedeploy.models`; this module reads the fields every family shares and checks them.
+A pruned checkpoint whose layers differ in width gets per-layer sizes from its tensor shapes
+(:func:`edgedeploy.models.with_layer_sizes`), since config.json cannot say so.
 Every field is type- and range-checked here, before any table is sized from it: a hostile or
 mistyped config.json (``"num_hidden_layers": 1e12``, ``"rope_theta": "abc"``) is an
 :class:`InputError` naming the field, never a traceback or an unbounded allocation.
@@ -17,17 +20,6 @@ from typing import Any
 from edgedeploy.checkpoint.folder import model_file
 from edgedeploy.errors import InputError
 from edgedeploy.fileio import check_field_names, read_json_object
-
-#: Hugging Face class name -> architecture family (one module per family in ``edgedeploy.models``).
-ARCHITECTURES: dict[str, str] = {
-    "LlamaForCausalLM": "llama",
-    "Qwen2ForCausalLM": "qwen2",
-    "PhiForCausalLM": "phi",
-    "QWenLMHeadModel": "qwen",
-}
-#: ``model_type`` -> class name, for Qwen v1 and hand-written configs that carry no ``architectures``.
-_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "phi": "PhiForCausalLM",
-                  "qwen": "QWenLMHeadModel"}
 
 #: Upper bound of every size (ModelConfig field -> largest accepted value). Generous on purpose, 4-16x the
 #: largest released dense models (Llama-3.1-405B: 126 layers, hidden 16384, MLP 53248, 128 heads; Gemma:
@@ -55,8 +47,22 @@ _ROPE_SCALING_NUMBERS: dict[str, tuple[str, ...]] = {
 
 
 @dataclass(frozen=True)
+class LayerSizes:
+    """The sizes pruning changes per layer: query heads, KV heads, MLP width."""
+
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+
+
+@dataclass(frozen=True)
 class ModelConfig:
-    """Sizes and options of a decoder-only model, independent of the checkpoint's naming."""
+    """Sizes and options of a decoder-only model, independent of the checkpoint's naming.
+
+    With per-layer sizes (``layers``, a pruned checkpoint), ``num_heads``, ``num_kv_heads`` and
+    ``intermediate_size`` are the envelope every layer fits in: the KV cache and attention kernels are
+    sized by it (a layer with fewer heads is padded with empty heads), the MLPs by their own width.
+    """
 
     architecture: str
     family: str
@@ -85,15 +91,39 @@ class ModelConfig:
     declared_dtype: str | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    #: Per-layer sizes of a non-uniformly pruned checkpoint; empty when every layer has the sizes above.
+    layers: tuple[LayerSizes, ...] = ()
+    #: Tokens each position attends back to (Mistral, Qwen2 with use_sliding_window); None: the whole context.
+    sliding_window: int | None = None
+    #: LayerNorm over each head of q and k before RoPE (Phi's ``qk_layernorm``).
+    qk_norm: bool = False
+
+    def layer(self, i: int) -> LayerSizes:
+        """The sizes of layer ``i``."""
+        if self.layers:
+            return self.layers[i]
+        return LayerSizes(self.num_heads, self.num_kv_heads, self.intermediate_size)
+
+    @property
+    def usable_context(self) -> int:
+        """Longest context a bundle may hold: attention past a sliding window is not built, so it caps it."""
+        return min(self.context_length, self.sliding_window or self.context_length)
 
     @property
     def kv_bytes_per_token(self) -> int:
-        """FP16 bytes that one token adds to the KV cache over all layers (K and V)."""
+        """FP16 bytes that one token adds to the KV cache over all layers (K and V), padding included."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * 2
+
+    @property
+    def kv_padding_bytes_per_token(self) -> int:
+        """FP16 bytes per token of the KV cache that pad pruned layers up to ``num_kv_heads`` (0 when uniform)."""
+        real = sum(self.layer(i).num_kv_heads for i in range(self.num_layers))
+        return 2 * (self.num_layers * self.num_kv_heads - real) * self.head_dim * 2
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["eos_token_ids"] = list(self.eos_token_ids)
+        d["layers"] = [asdict(x) for x in self.layers]
         return d
 
     @classmethod
@@ -107,9 +137,26 @@ class ModelConfig:
         if not isinstance(eos, (list, tuple)):
             raise InputError(f"{source}: field 'eos_token_ids' must be a list, got {eos!r:.60}")
         d["eos_token_ids"] = tuple(eos)
+        d["layers"] = _layer_list(d.get("layers") or (), source)
         cfg = cls(**d)
         check_model_config(cfg, source)
         return cfg
+
+
+def _layer_list(layers: Any, source: str) -> tuple[LayerSizes, ...]:
+    """``layers`` of a serialised config: a list of objects with the three per-layer sizes."""
+    if not isinstance(layers, (list, tuple)) or len(layers) > SIZE_LIMITS["num_layers"]:
+        raise InputError(f"{source}: field 'layers' must be a list of per-layer sizes, got {layers!r:.60}")
+    out = []
+    for x in layers:
+        if isinstance(x, LayerSizes):
+            out.append(x)
+            continue
+        if not isinstance(x, dict):
+            raise InputError(f"{source}: each of 'layers' must be an object, got {x!r:.60}")
+        check_field_names(LayerSizes, x, f"{source}: layers")
+        out.append(LayerSizes(**x))
+    return tuple(out)
 
 
 def _is_int(value: object) -> bool:
@@ -128,7 +175,9 @@ def check_model_config(cfg: ModelConfig, source: str) -> None:
     :func:`parse_config` checks the raw fields as it reads them (so errors name config.json's keys);
     this check covers what is derived (head dim, rotary dims) and configs that come from elsewhere.
     """
-    if not isinstance(cfg.architecture, str) or ARCHITECTURES.get(cfg.architecture) != cfg.family:
+    from edgedeploy.models import family_of_architecture
+
+    if not isinstance(cfg.architecture, str) or family_of_architecture(cfg.architecture) != cfg.family:
         raise InputError(f"{source}: architecture {cfg.architecture!r:.60} / family {cfg.family!r:.60} "
                          "is not a supported pair")
     for name, limit in SIZE_LIMITS.items():
@@ -139,7 +188,7 @@ def check_model_config(cfg: ModelConfig, source: str) -> None:
         value = getattr(cfg, name)
         if not _is_number(value) or value <= 0:
             raise InputError(f"{source}: {name} must be a positive number, got {value!r:.60}")
-    for name in ("tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias", "lm_head_bias"):
+    for name in ("tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias", "lm_head_bias", "qk_norm"):
         if not isinstance(getattr(cfg, name), bool):
             raise InputError(f"{source}: {name} must be true/false, got {getattr(cfg, name)!r:.60}")
     if cfg.norm not in ("rms", "layer"):
@@ -156,10 +205,33 @@ def check_model_config(cfg: ModelConfig, source: str) -> None:
     if cfg.num_heads % cfg.num_kv_heads:
         raise InputError(f"{source}: num_attention_heads ({cfg.num_heads}) is not a multiple of "
                          f"num_key_value_heads ({cfg.num_kv_heads})")
+    if cfg.sliding_window is not None and not (_is_int(cfg.sliding_window) and
+                                               1 <= cfg.sliding_window <= SIZE_LIMITS["context_length"]):
+        raise InputError(f"{source}: sliding_window must be an integer in 1..{SIZE_LIMITS['context_length']}, "
+                         f"got {cfg.sliding_window!r:.60}")
+    _check_layers(cfg, source)
     if cfg.rotary_dim > cfg.head_dim or cfg.rotary_dim % 2:
         # Rotate-half RoPE pairs dimension i with i + rotary_dim/2, inside one head.
         raise InputError(f"{source}: the rotary dims ({cfg.rotary_dim}) must be even and at most the head dim "
                          f"({cfg.head_dim})")
+
+
+def _check_layers(cfg: ModelConfig, source: str) -> None:
+    """Per-layer sizes: one per layer, each within the envelope and with whole KV groups."""
+    if not cfg.layers:
+        return
+    if len(cfg.layers) != cfg.num_layers:
+        raise InputError(f"{source}: {len(cfg.layers)} per-layer sizes for {cfg.num_layers} layers")
+    group = cfg.num_heads // cfg.num_kv_heads
+    for i, x in enumerate(cfg.layers):
+        for name, limit in (("num_heads", cfg.num_heads), ("num_kv_heads", cfg.num_kv_heads),
+                            ("intermediate_size", cfg.intermediate_size)):
+            value = getattr(x, name)
+            if not _is_int(value) or not 1 <= value <= limit:
+                raise InputError(f"{source}: layer {i} {name} must be an integer in 1..{limit}, got {value!r:.60}")
+        if x.num_heads % x.num_kv_heads or x.num_heads // x.num_kv_heads > group:
+            raise InputError(f"{source}: layer {i} has {x.num_heads} query heads for {x.num_kv_heads} KV heads; "
+                             f"each KV head may serve at most {group}")
 
 
 def _check_rope_scaling(scaling: object, name: str, source: str) -> None:
@@ -190,13 +262,18 @@ def load_config(model_dir: Path) -> tuple[ModelConfig, dict[str, Any]]:
         raise InputError(f"{model_dir}: is a file, expected a model folder")
     path = model_dir / "config.json"
     if not path.is_file():
-        raise InputError(f"{model_dir}: no config.json (is this a Hugging Face model folder?)")
+        from edgedeploy.checkpoint.folder import missing_config_message
+
+        raise InputError(missing_config_message(model_dir))
     model_file(model_dir, "config.json", str(model_dir))
     raw = read_json_object(path, "config.json")
     return parse_config(raw, source=str(path)), raw
 
 
 def _architecture(raw: dict[str, Any], source: str) -> str:
+    """The Hugging Face class name config.json names (``architectures``, else ``model_type``)."""
+    from edgedeploy.models import FAMILIES, family_of_architecture, family_of_model_type
+
     archs = raw.get("architectures")
     if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
         raise InputError(f"{source}: field 'architectures' must be a list of class names, got {archs!r:.60}")
@@ -206,17 +283,17 @@ def _architecture(raw: dict[str, Any], source: str) -> str:
         model_type = raw.get("model_type")
         if model_type is not None and not isinstance(model_type, str):
             raise InputError(f"{source}: field 'model_type' must be a string, got {model_type!r:.60}")
-        found = _BY_MODEL_TYPE.get(model_type or "")
-        if found is None:
+        family = family_of_model_type(model_type or "")
+        if family is None:
             raise InputError(f"{source}: no 'architectures' list and no known 'model_type'")
-        name = found
-    if name not in ARCHITECTURES:
-        supported = ", ".join(ARCHITECTURES)
+        name = FAMILIES[family].architectures[0]
+    if family_of_architecture(name) is None:
+        supported = ", ".join(a for f in FAMILIES.values() for a in f.architectures)
         raise InputError(f"{source}: unsupported architecture {name!r:.80} (supported: {supported})")
     return name
 
 
-class _Fields:
+class ConfigFields:
     """Reads typed fields from the raw dict; every error names the field (``prefix`` for nested objects)."""
 
     def __init__(self, raw: dict[str, Any], source: str, arch: str, prefix: str = ""):
@@ -236,8 +313,10 @@ class _Fields:
         return InputError(f"{self.source}: field {name!r} must be {wants}, got {value!r:.60}")
 
     def size(self, *names: str, limit: int, default: Any = ...) -> int:
-        """A positive integer at most ``limit`` (not a bool, not 2.0)."""
+        """A positive integer at most ``limit`` (not a bool, not 2.0); ``default`` as is when absent."""
         name, value = self._find(names, default)
+        if not name:
+            return value
         if not _is_int(value) or not 1 <= value <= limit:
             raise self.error(name, f"an integer in 1..{limit}", value)
         return value
@@ -274,112 +353,85 @@ class _Fields:
             raise self.error(found, wants, value)
         return tuple(values)
 
+    def refuse(self, name: str, unless: Any, why: str) -> None:
+        """:class:`InputError` naming ``name`` when config.json sets it to anything but ``unless`` (or null).
 
-def _rope(raw: dict[str, Any], f: _Fields) -> tuple[_Fields, dict[str, Any] | None]:
-    """(fields of transformers 5 ``rope_parameters``, scaling) from old top-level keys or ``rope_parameters``."""
-    params = raw.get("rope_parameters")
-    if params is not None and not isinstance(params, dict):
-        raise f.error("rope_parameters", "an object", params)
-    p = _Fields(params or {}, f.source, f.arch, prefix="rope_parameters.")
-    scaling = raw.get("rope_scaling") or None
-    if scaling is not None:
-        _check_rope_scaling(scaling, "rope_scaling", f.source)
-    rope_type = p.text("rope_type", default=None)
-    if scaling is None and rope_type not in (None, "default"):
-        _check_rope_scaling(params, "rope_parameters", f.source)
-        scaling = dict(params or {})
-    return p, scaling
+        For options the graphs do not implement: building anyway would give wrong tokens silently.
+        """
+        value = self.raw.get(name)
+        if value is not None and value != unless:
+            raise InputError(f"{self.source}: {self.arch} with {name} = {value!r:.60} is not supported: {why}")
 
+    def head_dim(self, name: str | None, hidden: int, heads: int) -> int:
+        """The head dim config.json gives in ``name``, else hidden / heads, which must then divide exactly."""
+        if name is not None and self.raw.get(name) is not None:
+            return self.size(name, limit=SIZE_LIMITS["head_dim"])
+        if hidden % heads:
+            raise InputError(f"{self.source}: hidden_size ({hidden}) is not a multiple of num_attention_heads "
+                             f"({heads}) and there is no {name!r} to give the head dim")
+        return hidden // heads
 
-def _rotary_dim(head_dim: int, factor: float, name: str, source: str) -> int:
-    """Rotated dims of a head for a partial-rotary ``factor``: even, at least 2 (rotate-half works on pairs)."""
-    dims = int(head_dim * factor)
-    if dims < 2 or dims % 2:
-        raise InputError(f"{source}: field {name!r} ({factor:g}) of head dim {head_dim} gives {dims} rotary dims; "
-                         "they must be an even number of at least 2")
-    return dims
+    def kv_heads(self, heads: int) -> int:
+        """``num_key_value_heads`` (default: ``heads``, multi-head attention), which must divide ``heads``."""
+        kv = self.size("num_key_value_heads", default=heads, limit=SIZE_LIMITS["num_kv_heads"])
+        if heads % kv:
+            raise InputError(f"{self.source}: num_attention_heads ({heads}) is not a multiple of "
+                             f"num_key_value_heads ({kv})")
+        return kv
 
+    def rotary_dim(self, head_dim: int, factor: float, name: str) -> int:
+        """Rotated dims of a head for a partial-rotary ``factor``: even, at least 2 (rotate-half works on pairs)."""
+        dims = int(head_dim * factor)
+        if dims < 2 or dims % 2:
+            raise InputError(f"{self.source}: field {name!r} ({factor:g}) of head dim {head_dim} gives {dims} "
+                             "rotary dims; they must be an even number of at least 2")
+        return dims
 
-def _head_dim(f: _Fields, name: str, hidden: int, heads: int) -> int:
-    """The head dim config.json gives, else hidden / heads, which must then divide exactly."""
-    if f.raw.get(name) is not None:
-        return f.size(name, limit=SIZE_LIMITS["head_dim"])
-    if hidden % heads:
-        raise InputError(f"{f.source}: hidden_size ({hidden}) is not a multiple of num_attention_heads ({heads}) "
-                         f"and there is no {name!r} to give the head dim")
-    return hidden // heads
+    def rope(self) -> tuple[ConfigFields, dict[str, Any] | None]:
+        """(fields of transformers 5 ``rope_parameters``, scaling) from old top-level keys or ``rope_parameters``."""
+        params = self.raw.get("rope_parameters")
+        if params is not None and not isinstance(params, dict):
+            raise self.error("rope_parameters", "an object", params)
+        p = ConfigFields(params or {}, self.source, self.arch, prefix="rope_parameters.")
+        scaling = self.raw.get("rope_scaling") or None
+        if scaling is not None:
+            _check_rope_scaling(scaling, "rope_scaling", self.source)
+        rope_type = p.text("rope_type", default=None)
+        if scaling is None and rope_type not in (None, "default"):
+            _check_rope_scaling(params, "rope_parameters", self.source)
+            scaling = dict(params or {})
+        return p, scaling
+
+    def rope_theta(self, default: float = 10000.0) -> float:
+        """``rope_theta`` at the top level (transformers 4) or inside ``rope_parameters`` (transformers 5)."""
+        theta = self.number("rope_theta", default=None)
+        return theta if theta is not None else self.rope()[0].number("rope_theta", default=default)
 
 
 def parse_config(raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
-    """Map a raw Hugging Face config dict onto :class:`ModelConfig`, checking every field it reads."""
+    """Map a raw Hugging Face config dict onto :class:`ModelConfig`, checking every field it reads.
+
+    The fields every family shares are read here; the family's own ``parse`` reads the rest.
+    """
+    from edgedeploy.models import FAMILIES, family_of_architecture
+
     arch = _architecture(raw, source)
-    family = ARCHITECTURES[arch]
-    f = _Fields(raw, source, arch)
+    family = family_of_architecture(arch)
+    assert family is not None  # _architecture checked it
+    f = ConfigFields(raw, source, arch)
     lim = SIZE_LIMITS
     hidden = f.size("hidden_size", limit=lim["hidden_size"])
     heads = f.size("num_attention_heads", limit=lim["num_heads"])
-    rope, scaling = _rope(raw, f)
     # transformers 5 writes ``dtype``, older versions ``torch_dtype``; both may be present and must be strings.
     declared = [f.text(name, default=None) for name in ("torch_dtype", "dtype")]
     bos = f.token_ids("bos_token_id", many=False)
     common = dict(architecture=arch, family=family, declared_dtype=next((d for d in declared if d), None),
                   bos_token_id=bos[0] if bos else None, eos_token_ids=f.token_ids("eos_token_id", many=True),
-                  rope_scaling=scaling,
+                  rope_scaling=f.rope()[1],
                   num_layers=f.size("num_hidden_layers", limit=lim["num_layers"]),
                   vocab_size=f.size("vocab_size", limit=lim["vocab_size"]),
+                  hidden_size=hidden, num_heads=heads,
                   tie_word_embeddings=f.flag("tie_word_embeddings", default=False))
-
-    if family == "qwen":
-        head_dim = _head_dim(f, "kv_channels", hidden, heads)
-        pct = f.number("rotary_pct", default=1.0, at_most=1.0)
-        # Qwen v1's intermediate_size covers w1 and w2 together, so its bound is twice ours.
-        inter = f.size("intermediate_size", limit=2 * lim["intermediate_size"])
-        if inter % 2:
-            raise InputError(f"{source}: Qwen v1 intermediate_size must be even (w1 and w2 each take half)")
-        cfg = ModelConfig(
-            **common, hidden_size=hidden, num_heads=heads, num_kv_heads=heads, head_dim=head_dim,
-            intermediate_size=inter // 2,
-            context_length=f.size("seq_length", "max_position_embeddings", default=2048,
-                                  limit=lim["context_length"]),
-            norm="rms", norm_eps=f.number("layer_norm_epsilon", default=1e-6), hidden_act="silu",
-            rope_theta=f.number("rotary_emb_base", default=10000.0),
-            rotary_dim=_rotary_dim(head_dim, pct, "rotary_pct", source), qkv_bias=True, o_bias=False,
-            mlp_bias=False, lm_head_bias=False,
-        )
-        check_model_config(cfg, source)
-        return cfg
-
-    kv_heads = f.size("num_key_value_heads", default=heads, limit=lim["num_kv_heads"])
-    head_dim = _head_dim(f, "head_dim", hidden, heads)
-    if heads % kv_heads:
-        raise InputError(f"{source}: num_attention_heads ({heads}) is not a multiple of "
-                         f"num_key_value_heads ({kv_heads})")
-    theta = f.number("rope_theta", default=None)
-    base = dict(
-        **common, hidden_size=hidden, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
-        intermediate_size=f.size("intermediate_size", limit=lim["intermediate_size"]),
-        context_length=f.size("max_position_embeddings", default=2048, limit=lim["context_length"]),
-        rope_theta=theta if theta is not None else rope.number("rope_theta", default=10000.0),
-    )
-    if family == "phi":
-        factor = f.number("partial_rotary_factor", default=None, at_most=1.0)
-        name = "partial_rotary_factor"
-        if factor is None:
-            factor, name = rope.number("partial_rotary_factor", default=0.5, at_most=1.0), f"{rope.prefix}{name}"
-        cfg = ModelConfig(
-            **base, norm="layer", norm_eps=f.number("layer_norm_eps", default=1e-5),
-            hidden_act=f.text("hidden_act", default="gelu_new"),
-            rotary_dim=_rotary_dim(head_dim, factor, name, source),
-            qkv_bias=True, o_bias=True, mlp_bias=True, lm_head_bias=True,
-        )
-    else:
-        attention_bias = f.flag("attention_bias", default=False)
-        mlp_bias = f.flag("mlp_bias", default=False)
-        cfg = ModelConfig(
-            **base, norm="rms", norm_eps=f.number("rms_norm_eps", default=1e-6),
-            hidden_act=f.text("hidden_act", default="silu"), rotary_dim=head_dim,
-            qkv_bias=family == "qwen2" or attention_bias, o_bias=family == "llama" and attention_bias,
-            mlp_bias=family == "llama" and mlp_bias, lm_head_bias=False,
-        )
+    cfg = FAMILIES[family].parse(f, common)
     check_model_config(cfg, source)
     return cfg

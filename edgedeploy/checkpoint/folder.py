@@ -41,3 +41,28 @@ def require_regular(path: Path, what: str) -> None:
         raise InputError(f"{path}: {what} is missing")
     if not path.is_file():
         raise InputError(f"{path}: {what} is not a regular file")
+
+
+def _meta_original(folder: Path) -> bool:
+    """Whether ``folder`` holds Meta's own release files (params.json plus consolidated.NN.pth shards)."""
+    return (folder / "params.json").is_file() and any(folder.glob("consolidated.*.pth"))
+
+
+def missing_config_message(model_dir: Path) -> str:
+    """What to tell a user whose folder has no config.json; Meta's ``original/`` layout gets its own advice.
+
+    Meta ships Llama as ``params.json``, ``consolidated.NN.pth`` (pickled PyTorch shards) and a tiktoken or
+    SentencePiece ``tokenizer.model``; Hugging Face repositories keep those under ``original/`` beside the
+    Hugging Face files. Only the Hugging Face layout (config.json, *.safetensors) can be read here.
+    """
+    model_dir = Path(model_dir)
+    where = next((f for f in (model_dir, model_dir / "original") if _meta_original(f)), None)
+    if where is None:
+        return f"{model_dir}: no config.json (is this a Hugging Face model folder?)"
+    return (f"{model_dir}: no config.json: {where} holds Meta's original Llama release (params.json, "
+            "consolidated.*.pth, tokenizer.model), which edgedeploy cannot read; get the Hugging Face layout "
+            "(config.json, *.safetensors, tokenizer.json): download the repository's files outside original/ "
+            "(e.g. `huggingface-cli download meta-llama/REPO --exclude 'original/*' --local-dir DIR`), or convert "
+            f"with transformers' convert_llama_weights_to_hf.py (src/transformers/models/llama/ in the "
+            f"transformers repository): --input_dir {where} --model_size SIZE --llama_version VERSION "
+            "--output_dir DIR")

@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from edgedeploy.checkpoint.config import ModelConfig, load_config
-from edgedeploy.checkpoint.layout import parameter_count
 from edgedeploy.checkpoint.rules import RuleReport, check_rules
 from edgedeploy.checkpoint.safetensors_index import TensorInfo, read_checkpoint_tensors
 from edgedeploy.errors import InputError
+from edgedeploy.models import parameter_count, with_layer_sizes
 
 
 @dataclass
@@ -74,4 +74,6 @@ def open_checkpoint(model_dir: Path | str) -> Checkpoint:
     if not tensors and any(path.glob("*.bin")):
         raise InputError(f"{path}: weights are PyTorch pickles (*.bin); edgedeploy reads safetensors only "
                          "(convert with transformers: model.save_pretrained(dir, safe_serialization=True))")
+    # A pruned checkpoint's layers may differ in width; only the tensor shapes say how.
+    cfg = with_layer_sizes(cfg, {name: t.shape for name, t in tensors.items()})
     return Checkpoint(path, cfg, raw, tensors, check_rules(cfg, raw, tensors))

@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgedeploy.checkpoint.config import ModelConfig
-from edgedeploy.checkpoint.layout import expected_tensors
 from edgedeploy.checkpoint.safetensors_index import TensorInfo
+from edgedeploy.models import checkpoint_tensors
 
 PASS, WARN, FAIL = "PASS", "WARN", "FAIL"
 
@@ -97,14 +97,29 @@ def check_rules(cfg: ModelConfig, raw_config: dict[str, Any], tensors: dict[str,
         findings.append(Finding(WARN, f"{len(convertible)} {kinds} tensors are not FP16/FP32; the build converts "
                                       "them to FP16", convertible))
     findings.extend(_layout_findings(cfg, tensors, quantized=bool(packed or integer or qcfg)))
+    if cfg.layers:
+        findings.append(Finding(PASS, _pruned_summary(cfg)))
     if not any(f.status != PASS for f in findings):
         dtypes = "/".join(sorted({t.dtype for t in tensors.values()}))
         findings.append(Finding(PASS, f"all {len(tensors)} tensors are {dtypes}; no quantization"))
     return RuleReport(findings)
 
 
+def _pruned_summary(cfg: ModelConfig) -> str:
+    """One line on a checkpoint pruned per layer: the size ranges and what the KV-cache padding costs."""
+    def span(values: list[int]) -> str:
+        return f"{min(values)}" if min(values) == max(values) else f"{min(values)}-{max(values)}"
+
+    layers = [cfg.layer(i) for i in range(cfg.num_layers)]
+    padded = cfg.kv_padding_bytes_per_token
+    return (f"pruned per layer (sizes from the tensor shapes, not config.json): MLP width "
+            f"{span([x.intermediate_size for x in layers])}, query heads {span([x.num_heads for x in layers])}, "
+            f"KV heads {span([x.num_kv_heads for x in layers])}; the KV cache holds {cfg.num_kv_heads} KV heads in "
+            f"every layer ({padded:,} bytes/token of padding, FP16)")
+
+
 def _layout_findings(cfg: ModelConfig, tensors: dict[str, TensorInfo], quantized: bool) -> list[Finding]:
-    expected = expected_tensors(cfg)
+    expected = checkpoint_tensors(cfg)
     out: list[Finding] = []
     missing = [n for n in expected if n not in tensors]
     # A quantized checkpoint misses its float weights by construction; saying so again is noise.

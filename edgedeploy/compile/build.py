@@ -43,8 +43,12 @@ def _no_progress(stage: str, done: float, total: float) -> None:
 
 
 def stop_token_ids(model_dir: Path, cfg_eos: tuple[int, ...]) -> list[int]:
-    """End-of-sequence ids from config.json, generation_config.json and the tokenizer's eos token."""
-    from edgedeploy.runtime.launch import load_tokenizer
+    """End-of-sequence ids from config.json, generation_config.json and the tokenizer's eos token.
+
+    The eos token is the one tokenizer_config.json names, else the one the tokenizer itself defines
+    (Qwen v1's ``<|endoftext|>``, whose checkpoints name none).
+    """
+    from edgedeploy.runtime.tokenizer import find_tokenizer_file, load_tokenizer
 
     ids = list(cfg_eos)
     gen = model_dir / "generation_config.json"
@@ -52,16 +56,21 @@ def stop_token_ids(model_dir: Path, cfg_eos: tuple[int, ...]) -> list[int]:
         gen = model_file(model_dir, gen.name, str(model_dir))
         eos = read_json_object(gen, "generation_config.json").get("eos_token_id")
         ids += [e for e in (eos if isinstance(eos, list) else [eos]) if is_int(e) and e >= 0]
-    tok_cfg, tok_json = model_dir / "tokenizer_config.json", model_dir / "tokenizer.json"
-    if tok_cfg.is_file() and tok_json.is_file():
-        tok_cfg, tok_json = (model_file(model_dir, p.name, str(model_dir)) for p in (tok_cfg, tok_json))
+    eos_tok = None
+    tok_cfg = model_dir / "tokenizer_config.json"
+    if tok_cfg.is_file():
+        tok_cfg = model_file(model_dir, tok_cfg.name, str(model_dir))
         eos_tok = read_json_object(tok_cfg, "tokenizer_config.json").get("eos_token")
         if isinstance(eos_tok, dict):
             eos_tok = eos_tok.get("content")
-        if isinstance(eos_tok, str):
-            tid = load_tokenizer(tok_json).token_to_id(eos_tok)
-            if tid is not None:
-                ids.append(tid)
+    tok_file = find_tokenizer_file(model_dir)
+    # A tokenizer.json defines no eos of its own: without a configured one there is nothing to look up.
+    if tok_file is not None and (isinstance(eos_tok, str) or tok_file.name != "tokenizer.json"):
+        tokenizer = load_tokenizer(model_file(model_dir, tok_file.name, str(model_dir)))
+        eos_tok = eos_tok if isinstance(eos_tok, str) else tokenizer.default_eos
+        tid = tokenizer.token_to_id(eos_tok) if eos_tok else None
+        if tid is not None:
+            ids.append(tid)
     return sorted(set(ids))
 
 
@@ -70,8 +79,13 @@ def _check_sizes(ck: Checkpoint, context: int, chunk: int) -> None:
         raise InputError("--context and --prefill-chunk must be positive")
     if chunk > context:
         raise InputError(f"--prefill-chunk ({chunk}) is larger than --context ({context})")
-    if context > ck.config.context_length:
-        raise InputError(f"--context {context} exceeds the model's context length ({ck.config.context_length})")
+    cfg = ck.config
+    if context > cfg.usable_context and cfg.sliding_window is not None:
+        # Within the window sliding and full attention agree; past it the graph would attend too far back.
+        raise InputError(f"--context {context} exceeds the model's sliding attention window ({cfg.sliding_window}); "
+                         "edgedeploy builds bundles whose context fits in the window")
+    if context > cfg.context_length:
+        raise InputError(f"--context {context} exceeds the model's context length ({cfg.context_length})")
 
 
 def build_bundle(model_dir: Path | str, out_dir: Path | str, target: str = "host", dtype: str = "float16",
@@ -98,7 +112,7 @@ def build_bundle(model_dir: Path | str, out_dir: Path | str, target: str = "host
     if not ck.has_weights:
         raise InputError(f"{model_dir}: no weights (*.safetensors) to build")
     cfg = ck.config
-    context = context_window or min(cfg.context_length, DEFAULT_CONTEXT)
+    context = context_window or min(cfg.usable_context, DEFAULT_CONTEXT)
     chunk = prefill_chunk or min(DEFAULT_PREFILL_CHUNK, context)
     _check_sizes(ck, context, chunk)
 

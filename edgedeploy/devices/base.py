@@ -136,6 +136,14 @@ class Device(ABC):
         """Run a command given as an argument list; every argument is quoted, so none is interpreted."""
         return self.shell(" ".join(shlex.quote(str(a)) for a in args), timeout=timeout)
 
+    def companion(self) -> Device:
+        """A handle another thread may use while this one is busy (a push beside a hash).
+
+        Devices whose every call opens its own connection return themselves; a device with one
+        multiplexed connection that is not thread-safe opens a second one (close it when done).
+        """
+        return self
+
     def remove(self, remote: str) -> None:
         self.run_args(["rm", "-rf", remote])
 

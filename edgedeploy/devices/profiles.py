@@ -17,10 +17,26 @@ from typing import Any
 from edgedeploy.errors import InputError
 
 
-#: Searched in order; ``EDGEDEPLOY_PROFILES`` lets a device farm keep its calibrated profiles elsewhere.
+def user_config_dir() -> Path:
+    """edgedeploy's user configuration folder: ``$EDGEDEPLOY_CONFIG``, else ``$XDG_CONFIG_HOME/edgedeploy``,
+    else ``~/.config/edgedeploy``."""
+    env = os.environ.get("EDGEDEPLOY_CONFIG")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CONFIG_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".config") / "edgedeploy"
+
+
+def user_profiles_dir() -> Path:
+    """Where ``edgedeploy calibrate`` writes per-device profiles (``<config>/profiles``)."""
+    return user_config_dir() / "profiles"
+
+
+#: Searched in order: ``EDGEDEPLOY_PROFILES`` (a device farm keeps its calibrated profiles elsewhere), the
+#: user's calibrated profiles (:func:`user_profiles_dir`), then the shipped ``profiles/``.
 def profile_dirs() -> list[Path]:
     dirs = [Path(p) for p in os.environ.get("EDGEDEPLOY_PROFILES", "").split(os.pathsep) if p]
-    return dirs + [Path(__file__).resolve().parents[2] / "profiles"]
+    return [*dirs, user_profiles_dir(), Path(__file__).resolve().parents[2] / "profiles"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +66,10 @@ class DeviceProfile:
     #: LLVM feature flags for aarch64 builds (``["+fullfp16", "-sve"]``); None: those ``mcpu`` implies, or
     #: the default ISA (:data:`edgedeploy.compile.targets.DEFAULT_AARCH64_MATTR`) when ``mcpu`` is None too.
     mattr: tuple[str, ...] | None = None
+    #: What ``edgedeploy calibrate`` measured (the ``[calibration]`` table): date, method, raw figures.
+    calibration: dict[str, Any] | None = None
+    #: CPUs ``edgedeploy profile`` pins the runner to (``auto``, ``all`` or a list like ``4-7``); None: auto.
+    pin_cpus: str | None = None
 
     @property
     def budget_mb(self) -> float:
@@ -70,7 +90,20 @@ _FIELDS: dict[str, str] = {
 _CHOICES = {"kind": ("android", "host", "linux"), "gpu_backend": ("opencl", "none"),
             "target": ("host", "android", "android-opencl", "linux-aarch64")}
 #: Optional fields: the CPU that phone builds (android, linux-aarch64) compile for.
-_OPTIONAL = ("mcpu", "mattr")
+_OPTIONAL = ("mcpu", "mattr", "pin_cpus")
+_MB0 = "a number >= 0"
+#: The ``[calibration]`` table ``edgedeploy calibrate`` writes: field -> what it must be. The first four are
+#: required; every figure is in MiB (bandwidth in GB/s).
+CALIBRATION_FIELDS: dict[str, str] = {
+    "date": _STR, "method": _STR, "ceiling_mb": _NUM, "ceiling_runs_mb": "a list of positive numbers",
+    "tool": _STR, "device": _STR, "device_model": _STR, "harness": _STR, "ceiling_step_mb": _NUM,
+    "hold_ms": _NUM, "mem_total_mb": _MB0, "mem_available_before_mb": _MB0, "mem_available_after_mb": _MB0,
+    "swap_total_mb": _MB0, "swap_free_before_mb": _MB0, "swap_free_after_mb": _MB0, "lmkd": _STR,
+    "runtime_base_mb": _NUM, "runtime_rss_before_weights_mb": _NUM, "runtime_peak_mb": _NUM,
+    "runtime_bundle": _STR, "runtime_runner": _STR, "bandwidth_gbps": _NUM, "bandwidth_buffer_mb": _NUM,
+    "measured": "a list of strings",
+}
+_CALIBRATION_REQUIRED = ("date", "method", "ceiling_mb", "ceiling_runs_mb")
 
 
 def _measure_host() -> dict[str, Any]:
@@ -101,6 +134,37 @@ def _measure_host() -> dict[str, Any]:
     }
 
 
+def _is_num(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # not NaN
+
+
+def _validate_calibration(table: object, source: str) -> dict[str, Any]:
+    """The ``[calibration]`` table, checked field by field; InputError naming the field otherwise."""
+    if not isinstance(table, dict):
+        raise InputError(f"{source}: [calibration] must be a table")
+    for name in _CALIBRATION_REQUIRED:
+        if name not in table:
+            raise InputError(f"{source}: [calibration] lacks {name!r} ({CALIBRATION_FIELDS[name]})")
+    for name, value in table.items():
+        expected = CALIBRATION_FIELDS.get(name)
+        if expected is None:
+            raise InputError(f"{source}: [calibration] has unknown field {name!r} "
+                             f"(known: {', '.join(CALIBRATION_FIELDS)})")
+        ok = {
+            _STR: isinstance(value, str) and bool(value),
+            _NUM: _is_num(value) and value > 0 and value != float("inf"),
+            _MB0: _is_num(value) and 0 <= value < float("inf"),
+            "a list of positive numbers": isinstance(value, list) and bool(value)
+            and all(_is_num(v) and 0 < v < float("inf") for v in value),
+            "a list of strings": isinstance(value, list) and all(isinstance(v, str) and v for v in value),
+        }[expected]
+        if not ok:
+            raise InputError(f"{source}: [calibration] field {name!r} must be {expected}, got {value!r:.60}")
+    if table.get("harness", "shell") not in ("shell", "app"):
+        raise InputError(f"{source}: [calibration] field 'harness' must be shell or app, got {table['harness']!r}")
+    return dict(table)
+
+
 def _validate(data: dict[str, Any], source: str) -> dict[str, Any]:
     measured: dict[str, Any] | None = None
     out: dict[str, Any] = {}
@@ -125,10 +189,18 @@ def _validate(data: dict[str, Any], source: str) -> dict[str, Any]:
         out[name] = value
     if out["bandwidth_efficiency"] > 1:
         raise InputError(f"{source}: field 'bandwidth_efficiency' must be at most 1, got {out['bandwidth_efficiency']}")
-    unknown = sorted(set(data) - set(_FIELDS) - set(_OPTIONAL) - {"props"})
+    unknown = sorted(set(data) - set(_FIELDS) - set(_OPTIONAL) - {"props", "calibration"})
     if unknown:
         raise InputError(f"{source}: unknown field {unknown[0]!r} (known: {', '.join(_FIELDS)}, "
-                         f"{', '.join(_OPTIONAL)}, props)")
+                         f"{', '.join(_OPTIONAL)}, props, calibration)")
+    if "calibration" in data:
+        cal = _validate_calibration(data["calibration"], source)
+        if out["calibrated"] is not True:
+            raise InputError(f"{source}: a [calibration] table needs calibrated = true")
+        if out["usable_budget_mb"] > cal["ceiling_mb"]:
+            raise InputError(f"{source}: usable_budget_mb ({out['usable_budget_mb']}) is above the calibrated "
+                             f"ceiling ({cal['ceiling_mb']}); a budget may only be lower than what was measured")
+        out["calibration"] = cal
     if "mcpu" in data or "mattr" in data:
         from edgedeploy.compile.targets import make_isa
 
@@ -136,6 +208,18 @@ def _validate(data: dict[str, Any], source: str) -> dict[str, Any]:
         isa = make_isa(data.get("mcpu"), data.get("mattr"), source=source)
         out["mcpu"] = isa.mcpu
         out["mattr"] = tuple(data["mattr"]) if "mattr" in data else None
+    if "pin_cpus" in data:
+        from edgedeploy.profile.variance import parse_cpu_list
+
+        pin = data["pin_cpus"]
+        try:
+            if not isinstance(pin, str):
+                raise ValueError(f"got {pin!r}")
+            if pin not in ("auto", "all"):
+                parse_cpu_list(pin)
+        except ValueError as e:
+            raise InputError(f"{source}: field 'pin_cpus' must be auto, all or a CPU list like \"4-7\" ({e})") from None
+        out["pin_cpus"] = pin
     props = data.get("props", {})
     if not isinstance(props, dict) or not all(isinstance(v, str) for v in props.values()):
         raise InputError(f"{source}: [props] must map property names to strings")

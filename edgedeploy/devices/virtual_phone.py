@@ -32,7 +32,16 @@ What it confines and what it does not:
 Device model and its limits:
 
 * ``getprop`` and ``logcat`` are small scripts in ``sandbox/system/bin`` (prepended to ``PATH``).
-  ``/proc/meminfo`` stays the host's; the phone's RAM is the prop ``ro.edgedeploy.memtotal_kb``.
+  With a memory budget, ``/proc/meminfo`` in a shell command (``cat /proc/meminfo``, ``grep ... /proc/meminfo``)
+  is rewritten, like the device prefixes, to the phone's own ``sandbox/proc/meminfo``: ``MemTotal`` is the
+  phone's RAM (prop ``ro.edgedeploy.memtotal_kb``, default the budget), ``MemAvailable`` (and ``MemFree``) the
+  budget less the RSS of the commands running now (refreshed when a command starts and at every budget poll),
+  ``SwapTotal``/``SwapFree`` 0 (no zram). A program that opens ``/proc/meminfo`` itself still reads the host's.
+  Without a budget the host's file is shown.
+* Thermal zones, CPU clocks and a battery fuel gauge (:mod:`edgedeploy.devices.virtual_sensors`) follow the CPU
+  time of the processes the phone's commands started; ``/sys/class/thermal``, ``/sys/class/power_supply`` and
+  ``/sys/devices/system/cpu`` in shell commands are rewritten into the sandbox like the device prefixes, and
+  ``dumpsys`` (``battery [unplug|reset]``, ``thermalservice``) is a script in ``/system/bin`` (``sensors`` option).
 * Memory budget (a stand-in for Android's lmkd): the RSS of each shell process tree is polled every 20 ms;
   over budget its largest process gets SIGKILL (exit code 137; the parent shell survives, as with lmkd,
   which picks one victim) and an lmkd-style line with the victim's RSS goes to the logcat
@@ -115,6 +124,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
+from edgedeploy.devices.virtual_sensors import PERIOD_S, SENSOR_PREFIXES, SensorOptions, Sensors, dumpsys_script
 from edgedeploy.errors import EdgeDeployError, InputError
 
 __all__ = ["VirtualPhone", "serve", "run_virtual_phone", "parse_adb_public_key", "load_auth_keys", "main"]
@@ -210,6 +220,30 @@ HOST_ABIS = {
 }
 ENOSPC_MESSAGE = "No space left on device"
 # Host paths made only of these can be spliced into a shell command, quoted or not, without changing its meaning.
+def _sha256sum_script() -> str:
+    """``sha256sum`` as fast as a phone's: Android's toybox hashes with BoringSSL, which uses the CPU's SHA-2
+    instructions, and Debian's coreutils does not (~300 MB/s against ~1.5 GB/s here). ``openssl`` does, so it
+    stands in when the host has it; otherwise the host's own ``sha256sum`` runs. Output as coreutils'."""
+    real = shutil.which("sha256sum") or "/usr/bin/sha256sum"
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        return f'#!/bin/sh\nexec {shlex.quote(real)} "$@"\n'
+    ossl = shlex.quote(openssl)
+    return f"""#!/bin/sh
+# sha256sum of the edgedeploy virtual phone (see _sha256sum_script): openssl's hardware SHA-256.
+if [ $# -eq 0 ]; then out=$({ossl} dgst -sha256 -r) || exit 1; printf '%s  -\\n' "${{out%% *}}"; exit 0; fi
+status=0
+for f in "$@"; do
+  if [ -f "$f" ] && out=$({ossl} dgst -sha256 -r "$f" 2>/dev/null); then
+    printf '%s  %s\\n' "${{out%% *}}" "$f"
+  else
+    {shlex.quote(real)} "$f" || status=1
+  fi
+done
+exit $status
+"""
+
+
 _SHELL_SAFE_PATH = re.compile(r"[A-Za-z0-9_./+-]+")
 _LOCAL_HOSTS = ("127.0.0.1", "localhost")
 LOG_TAG = "lowmemorykiller"
@@ -920,6 +954,7 @@ class VirtualPhone:
         abi: str | None = None,
         app_runner_dir: Path | None = None,
         packet_timeout_s: float = PACKET_TIMEOUT_S,
+        sensors: SensorOptions | str | None = None,
     ) -> None:
         if host not in _LOCAL_HOSTS:
             raise ValueError(f"the virtual phone only listens on loopback (127.0.0.1/localhost), not {host!r}")
@@ -942,6 +977,7 @@ class VirtualPhone:
         self.props = dict(DEFAULT_PROPS)
         if memory_budget_bytes:
             self.props["ro.edgedeploy.memtotal_kb"] = str(memory_budget_bytes // 1024)
+            self.props["ro.edgedeploy.budget_kb"] = str(memory_budget_bytes // 1024)
         host_abi = HOST_ABIS.get(platform.machine().lower(), platform.machine().lower())
         self.props["ro.product.cpu.abi"] = abi or host_abi
         self.props["ro.edgedeploy.python"] = sys.executable
@@ -958,8 +994,16 @@ class VirtualPhone:
         self._connections: set[asyncio.Task[None]] = set()
         self._groups: set[int] = set()  # process groups of every command, killed when the daemon stops
         self._prefix_re = re.compile(
-            r"(?<![\w.\-/])(" + "|".join(re.escape(p) for p in DEVICE_PREFIXES) + r")(?=/|$|[^\w.\-])"
+            r"(?<![\w.\-/])(" + "|".join(re.escape(p) for p in DEVICE_PREFIXES + SENSOR_PREFIXES)
+            + r")(?=/|$|[^\w.\-])"
         )
+        # Thermal zones, CPU clocks and a fuel gauge that follow this phone's CPU time (virtual_sensors).
+        self.sensors = Sensors(self.fs, sensors if isinstance(sensors, SensorOptions) else SensorOptions.parse(sensors))
+        self._sensor_task: asyncio.Task[None] | None = None
+        # /proc/meminfo as the phone shows it (see the module docstring); only with a budget to show.
+        self._meminfo_re = re.compile(r"(?<![\w.\-/])/proc/meminfo(?![\w.\-/])")
+        self._tree_rss: dict[int, int] = {}  # RSS of each running command's process tree, from the budget poll
+        self._meminfo_kb: tuple[int, int] | None = None  # what sandbox/proc/meminfo says now
         self._prepare_sandbox()
 
     # -- sandbox -----------------------------------------------------------------------------------------
@@ -982,6 +1026,8 @@ class VirtualPhone:
     def _write_phone_files(self) -> None:
         for d in ("/data/local/tmp", "/sdcard", "/system/bin", "/data/misc/logd"):
             os.close(self.fs.open_dir(d, make=True))
+        if self.memory_budget_bytes:
+            self._write_meminfo()
         try:
             self.fs.append(LOGCAT_DEVICE_PATH, b"")  # keep the log of a reused sandbox
         except PermissionError:
@@ -1008,10 +1054,13 @@ for a in "$@"; do [ "$a" = "-c" ] && {{ : > {log}; exit 0; }}; done
 cat {log}
 """,
         }
+        scripts["sha256sum"] = _sha256sum_script()
+        scripts["dumpsys"] = dumpsys_script(self.shell_root)
         if self.app_runner_dir is not None:
             scripts.update(self._app_harness_scripts())
         for name, text in scripts.items():
             self.fs.write_file(f"/system/bin/{name}", text.encode(), 0o755)
+        self.sensors.prepare()
 
     def _app_harness_scripts(self) -> dict[str, str]:
         """``pm``, ``am`` and ``run-as`` that emulate the installed edgedeploy harness app.
@@ -1079,8 +1128,51 @@ cd {q(str(app))} && exec "$@"
         return path
 
     def rewrite_command(self, command: str) -> str:
-        """Point absolute device paths under the mapped prefixes into the sandbox."""
-        return self._prefix_re.sub(lambda m: self.shell_root + m.group(1), command)
+        """Point absolute device paths under the mapped prefixes (with a budget, /proc/meminfo too) into the sandbox."""
+        command = self._prefix_re.sub(lambda m: self.shell_root + m.group(1), command)
+        if self.memory_budget_bytes:
+            command = self._meminfo_re.sub(lambda m: self.shell_root + "/proc/meminfo", command)
+        return command
+
+    def meminfo_text(self) -> str:
+        """The phone's ``/proc/meminfo``: its RAM, and the budget less what running commands hold as available."""
+        budget_kb = (self.memory_budget_bytes or 0) // 1024
+        total_kb = int(self.props.get("ro.edgedeploy.memtotal_kb") or budget_kb)
+        avail_kb = max(0, budget_kb - sum(self._tree_rss.values()) // 1024)
+        rows = [("MemTotal", total_kb), ("MemFree", avail_kb), ("MemAvailable", avail_kb), ("Buffers", 0),
+                ("Cached", 0), ("SwapCached", 0), ("SwapTotal", 0), ("SwapFree", 0)]
+        # The kernel's layout: the name and colon padded to 16 columns, the figure right-aligned in 8.
+        return "".join(f"{name + ':':<16}{kb:>8} kB\n" for name, kb in rows)
+
+    def _write_meminfo(self) -> None:
+        """Replace ``sandbox/proc/meminfo`` atomically (a reader sees the old or the new file, never half of one).
+
+        Written through the sandbox walk like the other phone files; the temporary name is unlinked and created
+        with ``O_EXCL``, so a planted link or hard link is never written through.
+        """
+        dir_fd, _ = self.fs.locate("/proc/meminfo", follow=False, make_dirs=True)
+        try:
+            tmp = ".meminfo.tmp"
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=dir_fd)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o444,
+                         dir_fd=dir_fd)
+            try:
+                _write_all(fd, self.meminfo_text().encode())
+            finally:
+                os.close(fd)
+            os.replace(tmp, "meminfo", src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def _refresh_meminfo(self) -> None:
+        """Rewrite the phone's meminfo when what it would say changed by a MiB or more."""
+        used_kb = sum(self._tree_rss.values()) // 1024
+        last = self._meminfo_kb
+        if last is None or abs(last[1] - used_kb) >= 1024 or len(self._tree_rss) != last[0]:
+            self._meminfo_kb = (len(self._tree_rss), used_kb)
+            with contextlib.suppress(OSError):
+                self._write_meminfo()
 
     def banner(self) -> str:
         keys = ("ro.product.name", "ro.product.model", "ro.product.device")
@@ -1113,6 +1205,8 @@ cd {q(str(app))} && exec "$@"
 
     async def _shell(self, stream: _Stream, command: str, v2: bool) -> None:
         argv = ["/bin/sh", "-c", self.rewrite_command(command)] if command.strip() else ["/bin/sh"]
+        if self.memory_budget_bytes:
+            self._refresh_meminfo()  # what the commands still running hold, as this one will read it
         proc = await asyncio.create_subprocess_exec(
             *argv,
             stdin=asyncio.subprocess.PIPE,
@@ -1142,11 +1236,19 @@ cd {q(str(app))} && exec "$@"
             await asyncio.gather(*pumps)
             code = _signal_exit_code(await proc.wait())
             finished = True
+            if self.memory_budget_bytes:
+                # What this command held is free again before its client learns it ended (and reads meminfo).
+                for h in helpers[1:]:
+                    h.cancel()
+                self._tree_rss.pop(proc.pid, None)
+                self._refresh_meminfo()
             if v2 and not stream.eof:
                 await stream.write(struct.pack("<BIB", SHELL_EXIT, 1, code))
         finally:
             for h in helpers:
                 h.cancel()
+            if self._tree_rss.pop(proc.pid, None) is not None:
+                self._refresh_meminfo()
             # A command that ran to completion may leave detached jobs running, as on a phone; a stream the
             # client dropped (or a dead connection) takes its whole process tree with it.
             if not finished:
@@ -1180,6 +1282,9 @@ cd {q(str(app))} && exec "$@"
         budget = self.memory_budget_bytes or 0
         while proc.returncode is None:
             total, name, pid, victim_rss = await asyncio.to_thread(_tree_rss, proc.pid)
+            if proc.returncode is None:
+                self._tree_rss[proc.pid] = total
+                self._refresh_meminfo()
             if total > budget:
                 # Like lmkd, kill one victim (the largest process), not its parent shell: a profiler's
                 # shell that started the runner survives and reports the runner's exit code 137.
@@ -1382,7 +1487,15 @@ cd {q(str(app))} && exec "$@"
         except OSError as e:
             raise InputError(f"cannot listen on {self.host}:{self.port}: {_reason(e)}") from None
         self.port = self._server.sockets[0].getsockname()[1]
+        self._sensor_task = asyncio.create_task(self._run_sensors())
         return self.port
+
+    async def _run_sensors(self) -> None:
+        """Tick the sensor models (virtual_sensors) every PERIOD_S while the daemon serves."""
+        while True:
+            with contextlib.suppress(OSError, psutil.Error):
+                await asyncio.to_thread(self.sensors.step)
+            await asyncio.sleep(PERIOD_S)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -1397,6 +1510,8 @@ cd {q(str(app))} && exec "$@"
         """Stop listening, drop every connection and kill every process started by a shell."""
         if self._server is not None:
             self._server.close()
+        if self._sensor_task is not None:
+            self._sensor_task.cancel()
         for task in list(self._connections):
             task.cancel()
         await asyncio.gather(*self._connections, return_exceptions=True)
@@ -1537,6 +1652,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="emulate the installed harness app with the host native runner in RUNNER_DIR")
     ap.add_argument("--packet-timeout", type=float, default=PACKET_TIMEOUT_S, metavar="S",
                     help="drop a connection whose started packet is not complete within S seconds")
+    ap.add_argument("--sensors", default=None, metavar="KEY=VALUE,...",
+                    help="thermal/clock/battery test doubles (see edgedeploy.devices.virtual_sensors)")
     args = ap.parse_args(argv)
     props = {}
     for item in args.prop:
@@ -1549,7 +1666,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         serve(args.sandbox, args.port, args.auth_keys, args.allow_any_key, props=props, memory_budget_bytes=budget,
               disk_bytes=disk, drop_after_bytes=args.drop_after_bytes, abi=args.abi, app_runner_dir=args.app_harness,
-              packet_timeout_s=args.packet_timeout)
+              packet_timeout_s=args.packet_timeout, sensors=args.sensors)
     except EdgeDeployError as e:
         print(f"error: {e}", file=sys.stderr)  # one line for a bad option, not a traceback
         return e.exit_code

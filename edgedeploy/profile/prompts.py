@@ -14,7 +14,7 @@ from typing import Any
 
 from edgedeploy.errors import InputError
 from edgedeploy.fileio import read_json_object
-from edgedeploy.runtime.launch import tokenizer_errors
+from edgedeploy.runtime.tokenizer import tokenizer_errors
 
 PROMPTS_DIR = Path(__file__).resolve().parents[2] / "profiles" / "prompts"
 DEFAULT_SETS = ("chat-short", "doc-1k", "long-2k")
@@ -67,16 +67,16 @@ def load_prompt_file(path: Path | str) -> PromptSpec:
 
 
 def tokenize_prompt(spec: PromptSpec, tokenizer: Any, context_window: int,
-                    source: Path | str = "the bundle's tokenizer.json") -> TokenizedPrompt:
-    """Token ids for ``spec`` with ``tokenizer`` (a ``tokenizers.Tokenizer``, e.g. from
-    :func:`~edgedeploy.runtime.launch.load_tokenizer`), fitted to ``context_window``.
+                    source: Path | str = "the bundle's tokenizer") -> TokenizedPrompt:
+    """Token ids for ``spec`` with ``tokenizer`` (a :class:`~edgedeploy.runtime.tokenizer.TextTokenizer`,
+    e.g. from :func:`~edgedeploy.runtime.tokenizer.open_tokenizer`), fitted to ``context_window``.
 
     A failure of the tokenizer is an :class:`InputError` naming ``source`` (the tokenizer's file) and the prompt.
     """
 
     def encode(text: str, special: bool = True) -> list[int]:
         with tokenizer_errors(source, f"encode prompt {spec.name!r}"):
-            return list(tokenizer.encode(text, add_special_tokens=special).ids)
+            return list(tokenizer.encode(text, add_special_tokens=special))
 
     max_new = min(spec.max_new_tokens, max(context_window // 4, 1))
     suffix = encode(spec.suffix, special=False) if spec.suffix else []

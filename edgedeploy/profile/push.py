@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import json
 import posixpath
+import queue
 import shlex
 import tempfile
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,6 +112,127 @@ def local_files(paths: dict[str, Path]) -> dict[str, LocalFile]:
     return {rel: LocalFile(p, sha256_file(p), p.stat().st_size) for rel, p in paths.items()}
 
 
+#: Device handles that check arrived files while the next ones are sent: hashing a file on the device
+#: takes about as long as sending it, and with two checkers the hash keeps up with the transfer.
+CHECKERS = 2
+#: The push record is saved at most this often while files arrive (and always at the end): a record lost
+#: to a drop costs a re-hash of those files on the next push, not a re-send.
+SAVE_EVERY_S = 2.0
+
+
+class _Sender:
+    """Sends files as ``NAME.part`` and has each checked and moved into place on the device.
+
+    The check (the device's sha256sum, then ``mv``, in one shell call) of a file runs on a second
+    handle (:meth:`Device.companion`) while the next file is sent; what fails its check is sent again
+    in line on the main handle, with its reconnects and retries.
+    """
+
+    def __init__(self, device: Device, files: dict[str, LocalFile], remote_dir: str,
+                 state: dict[str, dict[str, Any]], stats: PushStats, progress: PushProgress | None):
+        self.device, self.files, self.remote_dir = device, files, remote_dir
+        self.state, self.stats, self.progress = state, stats, progress
+        self.lock, self.saving = threading.Lock(), threading.Lock()
+        self.saved_at = time.monotonic()
+
+    def run(self, todo: list[str], with_retry: Callable[[Callable[[], Any]], Any]) -> None:
+        total = sum(self.files[r].size for r in todo)
+        if self.progress:
+            self.progress(0, total)
+        checkers = self._checkers() if len(todo) > 1 else []
+        again = todo if not checkers else []
+        if checkers:
+            idle: queue.SimpleQueue[Device] = queue.SimpleQueue()
+            for c in checkers:
+                idle.put(c)
+
+            def check(rel: str) -> None:
+                dev = idle.get()
+                try:
+                    self.verify(dev, rel)
+                finally:
+                    idle.put(dev)
+
+            try:
+                with ThreadPoolExecutor(max_workers=len(checkers)) as pool:
+                    checks, done = [], 0
+                    for rel in todo:
+                        with_retry(lambda rel=rel, sent=done: self.send(rel, sent, total))
+                        checks.append((rel, pool.submit(check, rel)))
+                        done += self.files[rel].size
+                        if self.progress:
+                            self.progress(done, total)
+                    for rel, fut in checks:
+                        try:
+                            fut.result()
+                        except ConnectionLost:
+                            again.append(rel)  # corrupt, incomplete, or a checker's connection dropped
+            finally:
+                for c in checkers:
+                    if c is not self.device:
+                        c.close()
+        done = total - sum(self.files[r].size for r in again)
+        for rel in again:
+            with_retry(lambda rel=rel, sent=done: (self.send(rel, sent, total), self.verify(self.device, rel)))
+            done += self.files[rel].size
+            if self.progress:
+                self.progress(done, total)
+
+    def _checkers(self) -> list[Device]:
+        """Handles for the checks; none (check in line) when a second one cannot be opened."""
+        out: list[Device] = []
+        for _ in range(CHECKERS):
+            try:
+                out.append(self.device.companion())
+            except DeviceError:
+                break
+        return out
+
+    def send(self, rel: str, sent_before: int, total: int) -> None:
+        progress = self.progress
+        on_bytes = (lambda n: progress(sent_before + n, total)) if progress else None
+        self.device.push(self.files[rel].path, posixpath.join(self.remote_dir, rel) + ".part", on_bytes)
+
+    def verify(self, dev: Device, rel: str) -> None:
+        """Check ``rel``'s ``.part`` against its sha256 on the device, move it into place and record it."""
+        f = self.files[rel]
+        final = posixpath.join(self.remote_dir, rel)
+        part = final + ".part"
+        qp, qf = shlex.quote(part), shlex.quote(final)
+        r = dev.shell(f'set -- $(sha256sum {qp} 2>/dev/null); echo "sha=$1"; '
+                      f'if [ "$1" = {f.sha256} ]; then mv -f {qp} {qf} && stat -c "mtime=%Y" {qf}; fi')
+        out = dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
+        got = out.get("sha", "")
+        if not got:
+            self.stats.verified_on_device = False  # no sha256sum on this device: fall back to the size check
+            st = dev.stat(part)
+            if st is None or st.size != f.size:
+                raise ConnectionLost(f"{dev.serial}: {rel} arrived incomplete")
+            moved = dev.run_args(["mv", "-f", part, final])
+            if moved.exit_code:
+                raise DeviceError(f"{dev.serial}: cannot move {part} into place: "
+                                  f"{(moved.stderr or moved.stdout).strip()}")
+            st = dev.stat(final)
+            out["mtime"] = str(st.mtime if st else -1)
+        elif got != f.sha256:
+            if sha256_file(f.path) != f.sha256:
+                raise InputError(f"{f.path}: differs locally from the sha256 recorded for {rel} "
+                                 "(altered after the build); rebuild the bundle")
+            raise ConnectionLost(f"{dev.serial}: {rel} arrived corrupt (sha256 differs on the device)")
+        elif not out.get("mtime", "").lstrip("-").isdigit():
+            raise DeviceError(f"{dev.serial}: cannot move {part} into place: {(r.stderr or r.stdout).strip()}")
+        with self.lock:
+            self.state[rel] = {"sha256": f.sha256, "bytes": f.size, "mtime": int(out["mtime"])}
+            due = time.monotonic() - self.saved_at >= SAVE_EVERY_S
+            snapshot = dict(self.state)
+        if due and self.saving.acquire(blocking=False):
+            try:
+                _save_state(dev, self.remote_dir, snapshot)
+                self.saved_at = time.monotonic()
+            finally:
+                self.saving.release()
+
+
 def push_bundle(device: Device, bundle_dir: Path, remote_dir: str, progress: PushProgress | None = None,
                 retries: int = 3, extra: dict[str, Path] | None = None, rehash: bool = False) -> PushStats:
     """Make ``remote_dir`` on ``device`` an exact, verified copy of the local bundle (plus ``extra`` files).
@@ -187,45 +311,13 @@ def push_files(device: Device, files: dict[str, LocalFile], remote_dir: str, pro
             if rec is not None and rec["sha256"] == wanted[rel]:
                 stats.changed_on_device.append(rel)
             todo.append(rel)
-    total = sum(sizes[r] for r in todo)
-    done = 0
-    if progress:
-        progress(0, total)
-    for rel in todo:
-        remote = posixpath.join(remote_dir, rel)
-
-        def send(rel: str = rel, remote: str = remote) -> None:
-            part = remote + ".part"
-            # `done` is read when called: bytes of the files before this one plus this file's so far.
-            on_bytes = (lambda n: progress(done + n, total)) if progress else None  # noqa: B023
-            device.push(files[rel].path, part, on_bytes)
-            got = device.sha256(part)
-            if got is None:
-                stats.verified_on_device = False  # no sha256sum on this device: fall back to the size check
-                st = device.stat(part)
-                if st is None or st.size != sizes[rel]:
-                    raise ConnectionLost(f"{device.serial}: {rel} arrived incomplete")
-            elif got != wanted[rel]:
-                if sha256_file(files[rel].path) != wanted[rel]:
-                    raise InputError(f"{files[rel].path}: differs locally from the sha256 recorded for {rel} "
-                                     "(altered after the build); rebuild the bundle")
-                raise ConnectionLost(f"{device.serial}: {rel} arrived corrupt (sha256 differs on the device)")
-            r = device.run_args(["mv", "-f", part, remote])
-            if r.exit_code:
-                raise DeviceError(f"{device.serial}: cannot move {part} into place: {(r.stderr or r.stdout).strip()}")
-            final = device.stat(remote)
-            state[rel] = {"sha256": wanted[rel], "bytes": sizes[rel], "mtime": final.mtime if final else -1}
-            _save_state(device, remote_dir, state)
-
-        with_retry(send)
-        done += sizes[rel]
-        if progress:
-            progress(done, total)
+    _Sender(device, files, remote_dir, state, stats, progress).run(todo, with_retry)
     stray = sorted(_remote_files(device, remote_dir) - set(wanted))
     for i in range(0, len(stray), 64):
         device.run_args(["rm", "-f", *(posixpath.join(remote_dir, rel) for rel in stray[i : i + 64])])
     stats.removed_unlisted = len(stray)
     _save_state(device, remote_dir, state)
-    stats.files_sent, stats.files_skipped, stats.bytes_sent = len(todo), len(wanted) - len(todo), total
+    stats.files_sent, stats.files_skipped = len(todo), len(wanted) - len(todo)
+    stats.bytes_sent = sum(sizes[r] for r in todo)
     stats.seconds, stats.retries = time.perf_counter() - t0, attempts
     return stats

@@ -10,13 +10,17 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from edgedeploy.bundle import Manifest
 from edgedeploy.errors import EdgeDeployError, InputError
+from edgedeploy.runtime.tokenizer import (  # noqa: F401 - load_tokenizer and tokenizer_errors are re-exported
+    TextTokenizer,
+    load_tokenizer,
+    open_tokenizer,
+    tokenizer_errors,
+)
 
 
 class RunFailed(EdgeDeployError):
@@ -25,50 +29,18 @@ class RunFailed(EdgeDeployError):
     exit_code = 3
 
 
-@contextmanager
-def tokenizer_errors(path: Path | str, action: str) -> Iterator[None]:
-    """Turn a failure of the tokenizers library inside the block into an InputError naming ``path``.
-
-    The library reports a corrupt or truncated file, an unknown model type and a bad argument as a bare
-    ``Exception`` (sometimes TypeError) carrying its parser's message, so no narrower clause catches them;
-    only library calls belong inside the block.
-    """
-    try:
-        yield
-    except Exception as e:  # noqa: BLE001 - see above
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise InputError(f"{path}: cannot {action} ({reason})") from None
-
-
-def load_tokenizer(path: Path) -> Any:
-    """The ``tokenizers.Tokenizer`` saved in ``path``; :class:`InputError` naming the file if it cannot be loaded."""
-    from tokenizers import Tokenizer
-
-    with tokenizer_errors(path, "load the tokenizer"):
-        return Tokenizer.from_file(str(path))
-
-
-def _tokenizer_file(bundle_dir: Path) -> Path:
-    path = bundle_dir / "tokenizer.json"
-    if not path.is_file():
-        raise InputError(f"{bundle_dir}: the bundle has no tokenizer.json; pass token ids with --prompt-file")
-    return path
+def _bundle_tokenizer(bundle_dir: Path) -> TextTokenizer:
+    return open_tokenizer(bundle_dir, "to tokenize text; pass token ids with --prompt-file")
 
 
 def tokenize(bundle_dir: Path, text: str) -> list[int]:
-    """Token ids of ``text`` with the bundle's tokenizer (its post-processor adds BOS where the model wants it)."""
-    path = _tokenizer_file(bundle_dir)
-    tokenizer = load_tokenizer(path)
-    with tokenizer_errors(path, "encode the prompt"):
-        return list(tokenizer.encode(text).ids)
+    """Token ids of ``text`` with the bundle's tokenizer (which adds BOS where the model wants it)."""
+    return _bundle_tokenizer(bundle_dir).encode(text)
 
 
 def detokenize(bundle_dir: Path, ids: list[int]) -> str:
     """The text of ``ids`` with the bundle's tokenizer, special tokens left out."""
-    path = _tokenizer_file(bundle_dir)
-    tokenizer = load_tokenizer(path)
-    with tokenizer_errors(path, "decode the generated tokens"):
-        return str(tokenizer.decode(ids, skip_special_tokens=True))
+    return _bundle_tokenizer(bundle_dir).decode(ids, skip_special_tokens=True)
 
 
 def fit_prompt(ids: list[int], manifest: Manifest, max_new_tokens: int, truncate: bool) -> list[int]:
@@ -132,11 +104,18 @@ def raise_for_error(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_local(bundle_dir: Path, token_ids: list[int], max_new_tokens: int, threads: int | None = None,
-              touch_kv: bool = False, verify: bool = True, timeout: float | None = None) -> dict[str, Any]:
-    """Run the bundle on this host in a fresh runner process; return its result line (plus ``exit_code``)."""
+              touch_kv: bool = False, verify: bool = True, timeout: float | None = None,
+              stop_token_ids: list[int] | None = None) -> dict[str, Any]:
+    """Run the bundle on this host in a fresh runner process; return its result line (plus ``exit_code``).
+
+    ``stop_token_ids`` replaces the bundle's own stop ids (None: the bundle's).
+    """
+    prompt: dict[str, Any] = {"token_ids": token_ids, "max_new_tokens": max_new_tokens}
+    if stop_token_ids is not None:
+        prompt["stop_token_ids"] = stop_token_ids
     with tempfile.TemporaryDirectory(prefix="edgedeploy-run-") as tmp:
         prompt_file = Path(tmp) / "prompt.json"
-        prompt_file.write_text(json.dumps({"token_ids": token_ids, "max_new_tokens": max_new_tokens}))
+        prompt_file.write_text(json.dumps(prompt))
         env = {**os.environ, "TVM_USE_RUNTIME_LIB": "1"}
         cmd = runner_command(bundle_dir, prompt_file, max_new_tokens, threads, touch_kv, verify)
         try:

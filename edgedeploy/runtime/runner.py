@@ -20,6 +20,7 @@ import os
 import platform
 import resource
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -107,12 +108,21 @@ def run(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
         result.update(target=manifest.target, dtype=manifest.dtype, context_window=manifest.context_window,
                       kv_bytes_per_token=kv_per_token)
         engine = Engine(args.bundle, manifest.library, threads=cpu.threads, manifest=manifest)
+        # The runtime's own base: RSS with the TVM runtime imported, before the model library and weights
+        # (what `edgedeploy calibrate` records as the runtime base before weights).
+        result["base_rss_bytes"] = read_proc_status().get("VmRSS", 0)
         engine.load()
         if args.touch_kv:
             engine.touch_kv_cache()
         max_new = args.max_new_tokens if args.max_new_tokens is not None else int(prompt.get("max_new_tokens", 32))
         stops = prompt.get("stop_token_ids", manifest.stop_token_ids)
+        # CLOCK_BOOTTIME (what /proc/uptime counts) around generation: the profiler lines the phases up with
+        # the fuel-gauge samples it stamps with /proc/uptime (edgedeploy.profile.energy).
+        boot = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
+        gen_start = time.clock_gettime(boot)
         gen = engine.generate(prompt["token_ids"], max_new, stops)
+        result["phase_clock"] = {"clock": "boottime", "generate_start": gen_start,
+                                 "generate_end": time.clock_gettime(boot)}
     except EdgeDeployError as e:
         kind = "input" if e.exit_code == EXIT_INPUT else "runtime"
         return e.exit_code, {**result, "error": str(e), "error_kind": kind}

@@ -13,6 +13,7 @@
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/utsname.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <tvm/ffi/container/array.h>
@@ -181,6 +182,26 @@ class JsonLine {
 };
 
 // ---- process facts ---------------------------------------------------------------------------------
+
+// Seconds since boot, suspend included (CLOCK_BOOTTIME; 0 where the clock is missing).
+double BootSeconds() {
+  timespec ts{};
+  if (clock_gettime(CLOCK_BOOTTIME, &ts) != 0) return 0.0;
+  return static_cast<double>(ts.tv_sec) + static_cast<double>(ts.tv_nsec) * 1e-9;
+}
+
+// VmRSS now, in bytes (0 when /proc cannot be read).
+int64_t CurrentRss() {
+  int64_t rss = 0;
+  if (FILE* f = std::fopen("/proc/self/status", "r")) {
+    char line[256];
+    long long kb = 0;
+    while (std::fgets(line, sizeof(line), f))
+      if (std::sscanf(line, "VmRSS: %lld kB", &kb) == 1) rss = kb * 1024;
+    std::fclose(f);
+  }
+  return rss;
+}
 
 void AddMemoryFields(JsonLine* out) {
   int64_t hwm = 0, rss = 0;
@@ -801,11 +822,18 @@ std::string Run(const RunOptions& o, int* exit_code) {
     line.Int("kv_bytes_per_token", m.kv_bytes_per_token);
     Global("runtime.config_threadpool")(0, cpu.threads);
     Engine engine(o.bundle_dir, ResolveLibrary(o, m), ResolveDevice(o, m));
+    // The runtime's own base, before the weights load (`edgedeploy calibrate` records it).
+    line.Int("base_rss_bytes", CurrentRss());
     engine.Load(m.weights_index, m.files);
     if (o.touch_kv) engine.TouchKvCache();
     int64_t max_new = o.max_new_tokens >= 0 ? o.max_new_tokens : prompt.max_new_tokens.value_or(32);
     std::vector<int64_t> stop_list = prompt.stop_token_ids.value_or(m.stop_token_ids);
+    // CLOCK_BOOTTIME (what /proc/uptime counts) around generation, as the Python runner stamps it: the
+    // profiler lines the phases up with the fuel-gauge samples it stamps with /proc/uptime.
+    const double gen_start = BootSeconds();
     Engine::Generation g = engine.Generate(prompt.token_ids, max_new, std::set<int64_t>(stop_list.begin(), stop_list.end()));
+    line.Set("phase_clock", "{\"clock\": \"boottime\", \"generate_start\": " + Num(gen_start) +
+                                ", \"generate_end\": " + Num(BootSeconds()) + "}");
     line.Int("prompt_tokens", g.prefill_tokens);
     line.Set("token_ids", IntList(g.token_ids));
     line.Str("finish_reason", g.finish_reason);

@@ -1,17 +1,14 @@
-"""Pieces every family shares: the paged KV cache, the export spec, last-token selection, weight maps.
+"""Graph pieces every family shares: norms, activations, attention, MLPs, the paged KV cache, entry points.
 
 The models are written in ``tvm.relax.frontend.nn`` and export the same four functions as MLC-LLM
 (``embed``, ``prefill``, ``decode``, ``create_paged_kv_cache``) so the runtime drives every family
-the same way.
+the same way. A family's ``graph`` module composes these; only what is its own lives there.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from tvm import relax as rx
 from tvm import te, tirx
 from tvm.relax.frontend import nn
@@ -20,38 +17,6 @@ from tvm.target import Target
 
 from edgedeploy.checkpoint.config import ModelConfig
 from edgedeploy.errors import InputError
-
-#: One model parameter: the checkpoint tensors it is made of and how to combine them (None: the single one as is).
-Combine = Callable[[Sequence[np.ndarray]], np.ndarray]
-
-
-@dataclass(frozen=True)
-class WeightSource:
-    """Where a model parameter comes from in the checkpoint."""
-
-    tensors: tuple[str, ...]
-    combine: Combine | None = None
-
-    def build(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
-        """Combine the checkpoint arrays (in ``tensors`` order) into the parameter's array."""
-        if self.combine is None:
-            if len(arrays) != 1:
-                raise ValueError(f"{self.tensors}: expected one tensor, got {len(arrays)}")
-            return arrays[0]
-        return self.combine(arrays)
-
-
-def concat_rows(arrays: Sequence[np.ndarray]) -> np.ndarray:
-    """Fuse projections that share an input (q|k|v, gate|up) along the output dimension."""
-    return np.concatenate(list(arrays), axis=0)
-
-
-def single(name: str) -> WeightSource:
-    return WeightSource((name,))
-
-
-def fused(*names: str) -> WeightSource:
-    return WeightSource(tuple(names), concat_rows)
 
 
 def rope_scaling_for_cache(cfg: ModelConfig) -> tuple[dict[str, Any], float]:
@@ -126,6 +91,137 @@ def project(x: nn.Tensor, weight: nn.Tensor, bias: nn.Tensor | None, out_dtype: 
     return y.astype(out_dtype) if out_dtype != "float32" else y
 
 
+def activation(name: str, x: nn.Tensor) -> nn.Tensor:
+    """The MLP nonlinearity config.json names (``hidden_act``)."""
+    if name == "silu":
+        return nn.op.silu(x)
+    if name in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
+        return nn.op.gelu(x, approximate=None if name == "gelu" else "tanh")
+    raise InputError(f"activation {name!r} is not supported")
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm without bias (``nn.RMSNorm`` defaults to a bias that Llama does not have).
+
+    ``offset`` 1.0 gives Gemma's ``x * (1 + w)``, computed in FP32 as transformers does.
+    """
+
+    def __init__(self, size: int, eps: float, dtype: str, offset: float = 0.0):
+        self.weight = nn.Parameter((size,), dtype)
+        self.eps, self.offset = eps, offset
+
+    def forward(self, x: nn.Tensor) -> nn.Tensor:
+        if not self.offset:
+            return nn.op.rms_norm(x, self.weight, axes=[-1], epsilon=self.eps)
+        w = self.weight.astype("float32") + self.offset
+        return nn.op.rms_norm(x.astype("float32"), w, axes=[-1], epsilon=self.eps).astype(x.dtype)
+
+
+def make_norm(cfg: ModelConfig, dtype: str, offset: float = 0.0) -> nn.Module:
+    """The family's normalisation layer: RMSNorm, or LayerNorm with bias (Phi)."""
+    if cfg.norm == "layer":
+        return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=dtype)
+    return RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype, offset)
+
+
+class Attention(nn.Module):
+    """Self-attention with one fused q|k|v projection over the paged KV cache.
+
+    A pruned layer with fewer heads than the cache holds (``cfg.num_heads``/``num_kv_heads``, the
+    envelope of all layers) is padded with empty heads around the attention call: a padded query head
+    gets zero q and its output meets zero columns of the output projection, so it adds nothing; the
+    padding costs KV-cache memory (shown by ``estimate``), not weights. ``out_name`` is the output
+    projection's checkpoint name (``o_proj``, Phi's ``dense``).
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_id: int, dtype: str, out_name: str = "o_proj"):
+        self.cfg, self.layer_id, self.out_name = cfg, layer_id, out_name
+        sizes = cfg.layer(layer_id)
+        self.nq, self.nkv = sizes.num_heads, sizes.num_kv_heads
+        hd = cfg.head_dim
+        self.qkv_proj = Linear(cfg.hidden_size, (self.nq + 2 * self.nkv) * hd, bias=cfg.qkv_bias, dtype=dtype)
+        setattr(self, out_name, Linear(self.nq * hd, cfg.hidden_size, bias=cfg.o_bias, dtype=dtype))
+        if cfg.qk_norm:
+            self.q_layernorm = nn.LayerNorm(hd, eps=cfg.norm_eps, dtype=dtype)
+            self.k_layernorm = nn.LayerNorm(hd, eps=cfg.norm_eps, dtype=dtype)
+
+    def forward(self, x: nn.Tensor, cache: PagedKVCache) -> nn.Tensor:
+        c = self.cfg
+        b, s, _ = x.shape
+        qkv = self.qkv_proj(x).reshape(b, s, self.nq + 2 * self.nkv, c.head_dim)
+        padded = (self.nq, self.nkv) != (c.num_heads, c.num_kv_heads)
+        if c.qk_norm or padded:
+            q, k, v = nn.op.split(qkv, [self.nq, self.nq + self.nkv], axis=2)
+            if c.qk_norm:
+                q, k = self.q_layernorm(q), self.k_layernorm(k)
+            if padded:
+                q, k, v = self._pad_heads(q, k, v)
+            qkv = nn.op.concat([q, k, v], dim=2)
+        out = cache.attention_with_fused_qkv(self.layer_id, qkv, c.num_heads, sm_scale=c.head_dim**-0.5)
+        if padded:
+            out = self._unpad_heads(out)
+        return getattr(self, self.out_name)(out.reshape(b, s, self.nq * c.head_dim))
+
+    def _pad_heads(self, q: nn.Tensor, k: nn.Tensor, v: nn.Tensor) -> tuple[nn.Tensor, nn.Tensor, nn.Tensor]:
+        """This layer's heads laid out as the cache's: KV head j serves query slots j*G .. j*G+G-1."""
+        c = self.cfg
+        b, s, _, hd = q.shape
+        group, full_group = self.nq // self.nkv, c.num_heads // c.num_kv_heads
+        extra_kv = c.num_kv_heads - self.nkv
+        q = q.reshape(b, s, self.nkv, group, hd)
+        q = nn.op.pad(q, [0, 0, 0, 0, 0, extra_kv, 0, full_group - group, 0, 0])
+        kv_pad = [0, 0, 0, 0, 0, extra_kv, 0, 0]
+        return q.reshape(b, s, c.num_heads, hd), nn.op.pad(k, kv_pad), nn.op.pad(v, kv_pad)
+
+    def _unpad_heads(self, out: nn.Tensor) -> nn.Tensor:
+        """The inverse of :meth:`_pad_heads` on the attention output: this layer's query heads only."""
+        c = self.cfg
+        b, s = out.shape[0], out.shape[1]
+        full_group = c.num_heads // c.num_kv_heads
+        out = out.reshape(b, s, c.num_kv_heads, full_group, c.head_dim)
+        if self.nkv < c.num_kv_heads:
+            out = nn.op.split(out, [self.nkv], axis=2)[0]
+        if self.nq // self.nkv < full_group:
+            out = nn.op.split(out, [self.nq // self.nkv], axis=3)[0]
+        return out
+
+
+class GatedMLP(nn.Module):
+    """``down(act(gate(x)) * up(x))`` with gate|up fused into one projection (one GEMV instead of two)."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int, dtype: str):
+        self.act = cfg.hidden_act
+        width = cfg.layer(layer_id).intermediate_size
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * width, bias=cfg.mlp_bias, dtype=dtype)
+        self.down_proj = Linear(width, cfg.hidden_size, bias=cfg.mlp_bias, dtype=dtype)
+
+    def forward(self, x: nn.Tensor) -> nn.Tensor:
+        gate, up = nn.op.split(self.gate_up_proj(x), 2, axis=-1)
+        return self.down_proj(activation(self.act, gate) * up)
+
+
+class PlainMLP(nn.Module):
+    """``fc2(act(fc1(x)))`` (Phi)."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int, dtype: str):
+        self.act = cfg.hidden_act
+        width = cfg.layer(layer_id).intermediate_size
+        self.fc1 = Linear(cfg.hidden_size, width, bias=cfg.mlp_bias, dtype=dtype)
+        self.fc2 = Linear(width, cfg.hidden_size, bias=cfg.mlp_bias, dtype=dtype)
+
+    def forward(self, x: nn.Tensor) -> nn.Tensor:
+        return self.fc2(activation(self.act, self.fc1(x)))
+
+
+class Backbone(nn.Module):
+    """Embedding, decoder layers of class ``layer_cls`` and the final norm named ``final_norm``."""
+
+    def __init__(self, cfg: ModelConfig, dtype: str, layer_cls: type, final_norm: str, norm_offset: float = 0.0):
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        self.layers = nn.ModuleList([layer_cls(cfg, i, dtype) for i in range(cfg.num_layers)])
+        setattr(self, final_norm, make_norm(cfg, dtype, norm_offset))
+
+
 def last_token(hidden: nn.Tensor) -> nn.Tensor:
     """hidden[:, -1:, :] — only the last position's logits are needed, so the head runs on one row."""
     def _compute(x: te.Tensor) -> te.Tensor:
@@ -157,18 +253,19 @@ def export_spec(cfg: ModelConfig) -> dict[str, Any]:
 class CausalLMBase(nn.Module):
     """Entry points shared by the families.
 
-    A subclass calls :meth:`_setup` with its backbone class, whose instance (``self.model``) holds
-    ``embed_tokens``, ``layers`` and a final norm named by :attr:`final_norm` (the checkpoint's name).
+    A subclass calls :meth:`_setup` with its decoder layer class; ``self.model`` holds ``embed_tokens``,
+    ``layers`` and a final norm named by :attr:`final_norm` (the checkpoint's name).
     """
 
     cfg: ModelConfig
     dtype: str
     target: Target
     final_norm = "norm"
+    norm_offset = 0.0
 
-    def _setup(self, cfg: ModelConfig, dtype: str, target: Target, backbone: type) -> None:
+    def _setup(self, cfg: ModelConfig, dtype: str, target: Target, layer_cls: type) -> None:
         self.cfg, self.dtype, self.target = cfg, check_dtype(dtype), target
-        self.model = backbone(cfg, dtype)
+        self.model = Backbone(cfg, dtype, layer_cls, self.final_norm, self.norm_offset)
         if not cfg.tie_word_embeddings:
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias, dtype=dtype,
                                   out_dtype="float32")
