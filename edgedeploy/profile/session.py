@@ -15,13 +15,14 @@ import posixpath
 import re
 import shlex
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from edgedeploy.bundle import Manifest, read_manifest
+from edgedeploy.bundle import MANIFEST, Manifest, read_manifest, sha256_file
 from edgedeploy.devices.base import TIMEOUT_EXIT, Device
 from edgedeploy.profile import app_harness, energy, memory, variance
 from edgedeploy.profile.prompts import PromptSpec, TokenizedPrompt, tokenize_prompt
@@ -437,9 +438,26 @@ def _run_summary(runs: list[Run]) -> Summary:
     return Summary.from_dict({k: _summary([float(v) for r in ok if (v := r.metric(k)) is not None]) for k in keys})
 
 
+#: Host reference tokens by (bundle.json's sha256, prompt ids, max new tokens, threads), for this process:
+#: a farm profiles one bundle on many phones at once, and greedy tokens of one bundle do not change.
+_REFERENCES: dict[tuple[Any, ...], Reference] = {}
+_REFERENCE_LOCKS: dict[tuple[Any, ...], threading.Lock] = {}
+_REFERENCE_GUARD = threading.Lock()
+
+
 def _reference(ref_dir: Path, prompt: TokenizedPrompt, threads: int | None) -> Reference:
-    r = run_local(ref_dir, prompt.token_ids, prompt.max_new_tokens, threads=threads)
-    return Reference(bundle=str(ref_dir), token_ids=r.get("token_ids"), error=r.get("error"))
+    """The host runner's tokens for ``prompt``, run once per bundle and prompt (failures are not kept)."""
+    key = (sha256_file(ref_dir / MANIFEST), tuple(prompt.token_ids), prompt.max_new_tokens, threads)
+    with _REFERENCE_GUARD:
+        lock = _REFERENCE_LOCKS.setdefault(key, threading.Lock())
+    with lock:  # a second phone of the same bundle waits for the first one's reference instead of running it
+        if key in _REFERENCES:
+            return _REFERENCES[key]
+        r = run_local(ref_dir, prompt.token_ids, prompt.max_new_tokens, threads=threads)
+        ref = Reference(bundle=str(ref_dir), token_ids=r.get("token_ids"), error=r.get("error"))
+        if ref.error is None:
+            _REFERENCES[key] = ref
+        return ref
 
 
 def _manifest_fields(m: Manifest) -> dict[str, Any]:
