@@ -390,15 +390,18 @@ def _toml_value(v: Any) -> str:
 
 
 def to_toml(data: dict[str, Any]) -> str:
-    """The profile as TOML: top-level fields, then the [props] and [calibration] tables."""
+    """The profile as TOML: top-level fields, then the [props] and [calibration] tables.
+
+    TOML has no null: an optional field that is unset (``pin_cpus``, ``mcpu``) is left out, as on load.
+    """
     lines = ["# Written by `edgedeploy calibrate`: measured on the device (see [calibration]).", ""]
     tables = {k: v for k, v in data.items() if isinstance(v, dict)}
     for k, v in data.items():
-        if k not in tables:
+        if k not in tables and v is not None:
             lines.append(f"{k} = {_toml_value(v)}")
     for t, fields in tables.items():
         lines += ["", f"[{t}]"]
-        lines += [f"{json.dumps(k)} = {_toml_value(v)}" for k, v in fields.items()]
+        lines += [f"{json.dumps(k)} = {_toml_value(v)}" for k, v in fields.items() if v is not None]
     return "\n".join(lines) + "\n"
 
 

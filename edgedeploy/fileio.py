@@ -149,6 +149,22 @@ def pread_exact(fd: int, buf: memoryview, offset: int) -> None:
         done += got
 
 
+def write_renderings(subject: Any, out_dir: Path, renderers: dict[str, Any], names: dict[str, str]) -> dict[str, Path]:
+    """Write ``renderers[fmt](subject)`` to ``out_dir / names[fmt]`` for every format; return format -> path.
+
+    Each file is written beside its final name and renamed into place, so a reader never sees half a report.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for fmt, render in renderers.items():
+        path = out_dir / names[fmt]
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(render(subject), encoding="utf-8")
+        tmp.replace(path)
+        paths[fmt] = path
+    return paths
+
+
 def check_field_names(cls: type, data: dict[str, Any], where: str) -> None:
     """:class:`InputError` when ``data`` has a key that dataclass ``cls`` lacks, or lacks one it requires."""
     from dataclasses import MISSING, fields

@@ -18,6 +18,7 @@ from xml.etree import ElementTree as ET
 
 import edgedeploy
 from edgedeploy.farm.scheduler.run import FarmRun, Job
+from edgedeploy.fileio import write_renderings
 
 SCHEMA_VERSION = 1
 NOT_RUN = "not run"
@@ -191,15 +192,8 @@ def write_pair_reports(run: FarmRun, out_dir: Path) -> dict[tuple[str, str], str
 
 
 def write_farm_reports(result: dict[str, Any], out_dir: Path) -> dict[str, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for fmt, render in RENDERERS.items():
-        path = out_dir / SUFFIXES[fmt]
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(render(result), encoding="utf-8")
-        tmp.replace(path)
-        paths[fmt] = path
-    return paths
+    """The matrix in every format into ``out_dir``; return format -> path."""
+    return write_renderings(result, out_dir, RENDERERS, SUFFIXES)
 
 
 # -- console -------------------------------------------------------------------------------------------

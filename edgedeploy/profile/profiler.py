@@ -9,6 +9,7 @@ from typing import Any
 import edgedeploy
 from edgedeploy.devices.adb import open_device
 from edgedeploy.devices.profiles import DeviceProfile, load_profile
+from edgedeploy.fileio import write_renderings
 from edgedeploy.history.store import working_commit
 from edgedeploy.profile.prompts import DEFAULT_SETS, PromptSpec, load_prompt_file
 from edgedeploy.profile.push import PushProgress
@@ -55,12 +56,4 @@ def profile_models(bundles: list[Path], device_spec: str | None = None, adb_serv
 
 def write_reports(results: Results, out_dir: Path) -> dict[str, Path]:
     """Write every format into ``out_dir``; return format -> path."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for fmt, render in RENDERERS.items():
-        path = out_dir / SUFFIXES[fmt]
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(render(results), encoding="utf-8")
-        tmp.replace(path)
-        paths[fmt] = path
-    return paths
+    return write_renderings(results, out_dir, RENDERERS, SUFFIXES)
