@@ -207,7 +207,8 @@ class Sensors:
             f = MIN_KHZ + (top - MIN_KHZ) * min(1.0, self.load[c])
             out[f"/sys/devices/system/cpu/cpu{c}/cpufreq/scaling_cur_freq"] = str(int(f // STEP_KHZ * STEP_KHZ))
         if self.o.battery:
-            net_ma = self._net_ma()
+            load_ma = self.o.idle_ma + self.o.per_cpu_ma * self.busy
+            net_ma = (CHARGE_MA - load_ma) if self.o.charger else -load_ma
             soc = self.charge_uah / CAPACITY_UAH
             volts = 3.6 + 0.6 * soc + 0.00005 * net_ma  # sags under load (net_ma < 0), rises while charging
             out.update({f"{BATTERY}/current_now": str(round(net_ma * 1000)),
@@ -217,11 +218,6 @@ class Sensors:
                         f"{BATTERY}/status": "Charging" if self.o.charger else "Discharging",
                         f"{BATTERY}/temp": str(round(10 * (self.temps[-1] if self.temps else self.o.ambient)))})
         return out
-
-    def _net_ma(self) -> float:
-        """Battery current (mA, negative while discharging) for the CPU load of the last tick."""
-        load_ma = self.o.idle_ma + self.o.per_cpu_ma * self.busy
-        return (CHARGE_MA - load_ma) if self.o.charger else -load_ma
 
     def write(self) -> None:
         for path, text in self.readings().items():
@@ -254,14 +250,13 @@ class Sensors:
                 for c in mine:
                     load[c] += used / len(mine) / dt
             self._seen = {k: v[0] for k, v in procs.items()}
-            if self.o.battery:
-                # The counter integrates the current readers saw during [last tick, now] (what this tick replaces),
-                # as a gauge's counter and its published current agree: computing the charge from the load just
-                # measured charged a whole stalled interval at a current no reader had seen.
-                self.charge_uah = min(CAPACITY_UAH, max(0.0, self.charge_uah + self._net_ma() * 1000 * dt / 3600))
             self.load = {c: min(1.0, v) for c, v in load.items()}
             self.busy = sum(self.load.values())
             for i, (_, gain, tau_f) in enumerate(ZONES[: self.o.zones]):
                 target = self.o.ambient + self.o.per_cpu * gain * self.busy
                 self.temps[i] += (target - self.temps[i]) * (1 - math.exp(-dt / (self.o.tau * tau_f)))
+            if self.o.battery:
+                load_ma = self.o.idle_ma + self.o.per_cpu_ma * self.busy
+                net_ma = (CHARGE_MA - load_ma) if self.o.charger else -load_ma
+                self.charge_uah = min(CAPACITY_UAH, max(0.0, self.charge_uah + net_ma * 1000 * dt / 3600))
             self.write()
