@@ -774,6 +774,12 @@ class _Connection:
     def drop(self) -> None:
         """Cut the TCP connection at once, without CLSE: what a pulled cable looks like to the client."""
         self.dropped = True
+        # A close with unread input sends RST, one without sends FIN, which adb-shell only notices as a read
+        # timeout: linger 0 makes the cut a reset whatever the client had in flight.
+        sock = self.writer.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket_module.SOL_SOCKET, socket_module.SO_LINGER, struct.pack("ii", 1, 0))
         self.writer.transport.abort()
 
     async def close(self) -> None:
