@@ -103,7 +103,9 @@ def fetch_source(version: str = VERSION, cache: Path | None = None) -> Path:
     sdist = root / f"llama_cpp_python-{version}.tar.gz"
     if not sdist.is_file():
         with tempfile.TemporaryDirectory(dir=root) as tmp:
-            _run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "--no-build-isolation",
+            # pip prepares the sdist's metadata even for a download: in an isolated environment, so that a
+            # machine without scikit-build-core installed fetches it too.
+            _run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
                   f"llama-cpp-python=={version}", "-d", tmp], "pip download of the llama-cpp-python sdist",
                  root / "fetch.log", timeout=1800)
             found = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
