@@ -75,8 +75,12 @@ def cpu_info() -> dict[str, Any]:
                 flags = set(value.split())
     except OSError:
         pass
-    return {"cpu_model": model, "isa": {f: f in flags for f in ISA_FLAGS}, "l3_bytes": l3_bytes(),
-            "cpus": os.cpu_count()}
+    from edgedeploy.compile.targets import host_mcpu
+
+    # Cloud VMs often show only "AMD EPYC": LLVM's name for the core (znver4, znver5, sapphirerapids)
+    # says which generation the figures belong to.
+    return {"cpu_model": model, "llvm_mcpu": host_mcpu() or "unknown", "isa": {f: f in flags for f in ISA_FLAGS},
+            "l3_bytes": l3_bytes(), "cpus": os.cpu_count()}
 
 
 def parse_cache_size(text: str) -> int:
@@ -496,7 +500,8 @@ def _pct(pr: dict[str, Any], key: str) -> str:
 def print_table(r: dict[str, Any]) -> None:
     isa = " ".join(f if on else f"no-{f}" for f, on in r["isa"].items())
     bw = r["read_bandwidth"]
-    print(f"CPU: {r['cpu_model']}, {r['cpus']} CPUs, L3 {r['l3_bytes'] / MIB:.0f} MiB; {isa}")
+    print(f"CPU: {r['cpu_model']} (LLVM mcpu {r.get('llvm_mcpu', 'unknown')}), {r['cpus']} CPUs, "
+          f"L3 {r['l3_bytes'] / MIB:.0f} MiB; {isa}")
     print(f"{r['dtype']}, {r['threads']} threads, decode {r['decode_steps']} steps, context {r['context']}, "
           f"prefill chunk {r['prefill_chunk']}, {r['reps']} interleaved reps, medians [min-max]; "
           f"edgedeploy {r['edgedeploy_source']} (schedules.py {r['schedules_sha256']})")
