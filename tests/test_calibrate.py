@@ -54,9 +54,11 @@ def test_virtual_phone_meminfo_shows_its_budget_and_what_runs(tmp_path: Path) ->
         hog = threading.Thread(target=lambda: AdbTcpDevice(phone.serial).shell(
             "python3 -c \"import time; b = b'x' * (200 << 20); time.sleep(3)\"", timeout=30))
         hog.start()
+        # Sample for as long as the hog lives: stopping at the first reading past a threshold could
+        # catch it half-way through touching its 200 MiB.
         low = mem["MemAvailable"]
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and low > mem["MemAvailable"] - 150 * MIB:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and hog.is_alive():
             time.sleep(0.2)
             low = min(low, parse_meminfo(dev.run_args(["cat", "/proc/meminfo"]).stdout)["MemAvailable"])
         hog.join()
