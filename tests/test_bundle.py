@@ -182,3 +182,23 @@ def test_bad_prompt_file_for_run_and_runner(bundle: Path, tmp_path: Path, capsys
                          capture_output=True, text=True, timeout=120)
     line = json.loads(out.stdout.strip().splitlines()[-1])
     assert out.returncode == 2 and line["error_kind"] == "input" and "non-negative integers" in line["error"]
+
+
+def test_light_stack_matches_inspect_where_tvmscript_reads_it() -> None:
+    """The build's cheap ``inspect.stack`` (see ``compile/library.py``) gives TVMScript the same frames, and the
+    same source lines for the frames it reads."""
+    import inspect
+
+    from edgedeploy.compile.library import _FRAMES_WITH_SOURCE, _light_stack
+
+    def nested(depth: int) -> tuple[list[inspect.FrameInfo], list[inspect.FrameInfo]]:
+        return nested(depth - 1) if depth else (inspect.stack(), _light_stack())
+
+    full, light = nested(3)
+    assert len(light) == len(full) > _FRAMES_WITH_SOURCE
+    for i, (f, g) in enumerate(zip(full, light, strict=True)):
+        assert (g.frame, g.lineno, g.function) == (f.frame, f.lineno, f.function), i
+        assert g.filename == f.frame.f_code.co_filename
+        if i < _FRAMES_WITH_SOURCE:
+            assert (g.code_context, g.index) == (f.code_context, f.index), i
+    assert light[0].code_context[0].strip().startswith("return nested(depth - 1)")

@@ -17,15 +17,17 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 from edgedeploy.checkpoint.config import load_config
 from edgedeploy.cli import main
 from edgedeploy.compile.build import build_bundle
 from edgedeploy.devices.profiles import load_profile
 from edgedeploy.estimate import estimate
+from edgedeploy.models import checkpoint_tensors
 from edgedeploy.runtime.launch import run_local
-from edgedeploy.tiny import make_tiny_checkpoint
 
 from .test_virtual_phone import Phone
 
@@ -35,19 +37,36 @@ SIZES = {"hidden_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
 CONTEXT, CHUNK = 128, 32
 
 
-def _predicted(tiny_config: Path, vocab: int, profile, folder: Path) -> int:
-    """The estimate for the tiny Llama at ``vocab`` on ``profile``, from config.json alone."""
+def _config(tiny_config: Path, vocab: int, folder: Path) -> Path:
+    """``folder`` with the tiny Llama's config.json at :data:`SIZES` and ``vocab``, and its tokenizer."""
     raw = json.loads((tiny_config / "config.json").read_text())
     raw.update(SIZES, vocab_size=vocab)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(raw))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_config / name, folder / name)
+    return folder
+
+
+def _write_weights(folder: Path) -> None:
+    """Random FP16 weights for ``folder``'s config.json: one random block repeated, so writing 1.4 GB costs a
+    copy, not ~25 s of random numbers per checkpoint (only the bytes matter here, not the values)."""
     cfg, _ = load_config(folder)
+    block = (np.random.default_rng(0).standard_normal(1 << 16, dtype=np.float32) * 0.02).astype(np.float16)
+    tensors = {name: np.resize(block, shape) for name, shape in checkpoint_tensors(cfg).items()}
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _predicted(tiny_config: Path, vocab: int, profile, folder: Path) -> int:
+    """The estimate for the tiny Llama at ``vocab`` on ``profile``, from config.json alone."""
+    cfg, _ = load_config(_config(tiny_config, vocab, folder))
     return estimate(cfg, profile, context_window=CONTEXT, prefill_chunk=CHUNK).peak_bytes
 
 
-def _model(root: Path, vocab: int) -> tuple[Path, int]:
+def _model(tiny_config: Path, root: Path, vocab: int) -> tuple[Path, int]:
     """Build the bundle for ``vocab`` and measure its need: the runner's VmHWM on this host, KV cache touched."""
-    ckpt = make_tiny_checkpoint(root / f"ckpt-{vocab}", "llama", dtype="float16", vocab_size=vocab, **SIZES)
+    ckpt = _config(tiny_config, vocab, root / f"ckpt-{vocab}")
+    _write_weights(ckpt)
     bundle = root / f"model-{vocab}"
     build_bundle(ckpt, bundle, target="host", context_window=CONTEXT, prefill_chunk=CHUNK)
     shutil.rmtree(ckpt)  # 1.4 GB of disk back
@@ -86,14 +105,14 @@ def test_calibrated_profile_fails_3pct_over_and_passes_3pct_under(
         # Under: sized from the estimate, then corrected once from its measured need.
         under_target = 0.97 * budget
         v_under = vocab_for(under_target, v1, p1)
-        under, need_under = _model(tmp_path, v_under)
+        under, need_under = _model(tiny_models["llama"], tmp_path, v_under)
         if abs(need_under / budget - 0.97) > 0.005:
             shutil.rmtree(under)
             v_under = vocab_for(under_target, v_under, need_under)
-            under, need_under = _model(tmp_path, v_under)
+            under, need_under = _model(tiny_models["llama"], tmp_path, v_under)
         # Over: placed from the measured need of the first model.
         v_over = vocab_for(1.03 * budget, v_under, need_under)
-        over, need_over = _model(tmp_path, v_over)
+        over, need_over = _model(tiny_models["llama"], tmp_path, v_over)
         sizing = (f"calibrated budget {budget / MIB:,.1f} MiB; need under {need_under / MIB:,.1f} MiB "
               f"({100 * (need_under / budget - 1):+.2f}%, vocab {v_under:,}), over {need_over / MIB:,.1f} MiB "
               f"({100 * (need_over / budget - 1):+.2f}%, vocab {v_over:,})")

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import json
+import linecache
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +48,44 @@ def library_metadata(cfg: ModelConfig, dtype: str, target_name: str, context_win
     }
 
 
+#: Frames whose source lines TVMScript reads from ``inspect.stack()`` (it looks at the third, for a class body).
+_FRAMES_WITH_SOURCE = 4
+
+
+def _light_stack(context: int = 1) -> list[inspect.FrameInfo]:
+    """``inspect.stack()`` without the module lookups, and with source lines for the innermost frames only.
+
+    TVMScript's ``@T.prim_func`` takes a full stack each time it parses a function (the paged KV cache parses
+    dozens per build). A full stack looks up the module of every frame, and each frame that is not a module's
+    file scans all of ``sys.modules``: with torch loaded under a deep caller that was 2-9 s of a tiny build.
+    Source lines come straight from ``linecache`` (as the full stack's do in the end).
+    """
+    frame = sys._getframe(1)
+    infos: list[inspect.FrameInfo] = []
+    while frame is not None:
+        code, lineno = frame.f_code, frame.f_lineno
+        lines, index = None, None
+        if len(infos) < _FRAMES_WITH_SOURCE and context > 0:
+            source = linecache.getlines(code.co_filename, frame.f_globals)
+            if 0 < lineno <= len(source):
+                start = min(max(lineno - 1 - context // 2, 0), max(len(source) - context, 0))
+                lines, index = source[start:start + context], lineno - 1 - start
+        infos.append(inspect.FrameInfo(frame, code.co_filename, lineno, code.co_name, lines, index))
+        frame = frame.f_back
+    return infos
+
+
+@contextlib.contextmanager
+def _light_tvmscript_stacks() -> Iterator[None]:
+    """Swap in :func:`_light_stack` while a model is exported (one thread builds; restored on the way out)."""
+    full = inspect.stack
+    inspect.stack = _light_stack  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        inspect.stack = full  # type: ignore[assignment]
+
+
 def build_ir_module(cfg: ModelConfig, dtype: str, target_name: str, context_window: int,
                     prefill_chunk: int, isa: CpuIsa | None = None,
                     ) -> tuple[Any, list[tuple[str, tuple[int, ...], str]], dict[str, Any]]:
@@ -63,7 +106,8 @@ def build_ir_module(cfg: ModelConfig, dtype: str, target_name: str, context_wind
     spec = get_target(target_name, isa)
     target = spec.tvm_target()
     model = get_model_class(cfg.family)(cfg, dtype, target)
-    mod, named_params = model.export_tvm(spec=model.get_default_spec())
+    with _light_tvmscript_stacks():
+        mod, named_params = model.export_tvm(spec=model.get_default_spec())
     params = [(name, tuple(int(d) for d in p.shape), str(p.dtype)) for name, p in named_params]
     meta = library_metadata(cfg, dtype, target_name, context_window, prefill_chunk, params)
     bb = relax.BlockBuilder(mod)
