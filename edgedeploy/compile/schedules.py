@@ -49,11 +49,11 @@ class VectorShape:
         """Prefill tile (MR activation rows, NR weight rows): MR x NR accumulators and the NR weight vectors
         of a step must fit the registers, or the tile spills every step; the activations (FP32) can be FMA
         memory operands. NR stays a power of two, which divides every projection width. On AVX-512, 6 x 4
-        measured 5-10% faster than 4 x 4 on a quiet Zen 5 (fewer loads and conversions per FMA, the lane sums
-        spread over more work). On AVX2's 16 registers (AVX2 code on a
-        Zen 5, 8-layer 1.1B-wide Llama, 512-token prefill, 2 threads), 6 x 2 (12 accumulators, 2 weight
-        vectors) ran 10-15% faster than 2 x 4 (about 230 against 205 tok/s), 4 x 2 ~5%, and 3 x 4 and 4 x 4
-        fell to ~150 (spilled). NEON keeps 4 x 4, not measured on a phone yet."""
+        measured 5-10% faster than 4 x 4 on a quiet Zen 5 (fewer loads and conversions per FMA, the lane
+        sums spread over more work). On AVX2's 16 registers (AVX2 code on a Zen 5, 1.1B Llama shape,
+        512-token prefill, 2 threads, 9 interleaved runs each), 6 x 2 (12 accumulators, 2 weight vectors)
+        gave a median 88.1 tok/s against 2 x 4's 79.1; on an 8-layer cut, 3 x 4 and 4 x 4 spilled and fell
+        ~35% below 2 x 4. NEON keeps 4 x 4, not measured on a phone yet."""
         if self.registers >= 32:
             return (6, 4) if self.lanes >= 16 else (4, 4)
         return (6, 2)
